@@ -1,0 +1,98 @@
+"""The Head interface: what the body hands hidden states to, and what eval/generate ask.
+
+A head owns its output weights and decides how (or whether) to form scores. Every method takes
+hidden states ``[N, D]`` (the body's output, flattened over batch and time) and, where a target is
+involved, int64 targets ``[N]`` with ``IGNORE_INDEX`` marking tokens that do not count.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, NamedTuple
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class HeadOptions(BaseModel):
+    """Options shared by every head; each head subclasses this with its own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class HeadOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3's backward hooks find tensors only in tuples, lists
+    and dicts, and a module output they cannot see breaks the re-gathering of its weights."""
+
+    loss: torch.Tensor  # scalar: mean over non-ignored tokens
+    metrics: dict[str, float] = {}  # for logging only; never mutated
+
+
+class Head(nn.Module, abc.ABC):
+    """Base class for output heads. Subclasses set ``name`` and ``Options``."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[HeadOptions]] = HeadOptions
+    # False for heads whose scores are not a normalized distribution (Z-loss): eval then skips
+    # perplexity and reports top-k accuracy only.
+    is_distribution: ClassVar[bool] = True
+    # True when the head has one [V, D] `weight` that the embedding may share (tie_embeddings).
+    supports_tying: ClassVar[bool] = False
+
+    def __init__(self, options: HeadOptions, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.options = options
+        self.hidden_size = hidden_size
+        self.vocab_size = vocab_size
+
+    @abc.abstractmethod
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> HeadOutput:
+        """Training loss (mean over non-ignored targets) and metrics."""
+
+    @abc.abstractmethod
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[N] exact log p(target | hidden), float32. Heads that are not distributions raise."""
+
+    @abc.abstractmethod
+    def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """[N, k] int64 token ids, best first, exact over the whole vocabulary."""
+
+    @abc.abstractmethod
+    def sample(
+        self, hidden: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """[N] int64 token ids drawn from the head's distribution at ``temperature``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def transient_bytes(
+        cls, options: HeadOptions, n_tokens: int, hidden_size: int, vocab_size: int, dtype: torch.dtype
+    ) -> int:
+        """The head's memory model for ``llmtrain profile``: its peak during one forward + backward
+        over ``n_tokens`` tokens (``dtype`` = the hidden states' and weights' dtype), above its
+        inputs and weights, minus the bytes of its weight gradients, which the profiler adds back
+        (head_total). The gradient of the hidden states is included. A head whose peak comes before
+        any weight gradient exists returns that peak minus the gradients' bytes. Calibrate it with
+        ``llmtrain profile --tokens N --vocab V --hidden D``: the measurement is within ±10%."""
+
+    def prepare(self, token_counts: torch.Tensor | None) -> None:
+        """Called once before training with unigram counts [V] of the training data.
+        Heads that derive structure from the data (hsm clusters) override this."""
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}"
+
+
+def check_head_inputs(hidden: torch.Tensor, targets: torch.Tensor | None, hidden_size: int) -> None:
+    """Shape checks every head shares; raise ValueError naming the argument."""
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
+        raise ValueError(f"hidden must be [N, {hidden_size}], got {list(hidden.shape)}")
+    if targets is not None and (targets.dim() != 1 or targets.shape[0] != hidden.shape[0]):
+        raise ValueError(f"targets must be [{hidden.shape[0]}], got {list(targets.shape)}")
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

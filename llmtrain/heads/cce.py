@@ -1,0 +1,553 @@
+"""Cut cross-entropy: linear layer + cross-entropy whose tokens × vocab logits never exist at once.
+
+Tokens are processed in chunks of ``chunk_size``. For each chunk one matmul forms its logit tile
+(all V scores of the chunk's tokens), a log-softmax gives the log-sum-exp and the loss, and —
+when gradients are wanted and the loss is reduced to a scalar — a softmax of the same tile feeds
+the two gradient matmuls right away (Liger Kernel's order: the gradients are final during the
+forward because the loss ends the graph; backward only scales them by the upstream scalar). So
+each of the three N·V·D products is done once, extra memory is one tile plus, for 16-bit weights,
+an fp32 weight-gradient accumulator, and the backward needs neither the weight nor the inputs —
+which is also what makes it correct under ZeRO-3, where the weight is gathered only around the
+head's forward. ``reduction="none"`` cannot fold an arbitrary per-token upstream gradient into
+gradients computed earlier, so it keeps the inputs and recomputes the tiles in backward (gathering
+a ZeRO-3 weight there if it is partitioned).
+
+The gradient of one token's loss with respect to its (soft-capped) scores s, before the softcap's
+derivative 1 − tanh²: w·[(1 + 2·z_loss·lse)·p − (1 − ε)·onehot(target) − ε/V], w the token's
+upstream weight. Without softcap the row scale and the two constant terms are applied to the
+small [chunk, D] operands instead of the [chunk, V] tile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from pydantic import Field
+import torch.nn.functional as F
+from torch import nn
+
+from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, dtype_bytes
+
+# Bytes of the logit tile per chunk when chunk_size is automatic: big enough for full-speed
+# matmuls (at V = 65,536: 256 tokens in fp32, 512 in bf16), small next to eager's N × V logits.
+TILE_BUDGET = 64 * 2**20
+MIN_CHUNK = 16
+# 16-bit inputs: rows of the tile taken through the fp32 softmax at a time (cache-sized).
+ROW_BLOCK_BYTES = 16 * 2**20
+# Vocabulary rows per 16-bit weight-gradient product, added to the fp32 accumulator while in cache.
+ACCUMULATE_BLOCK = 8192
+# Vocabulary block that gradient filtering (filter_eps) keeps or skips as a whole.
+FILTER_BLOCK = 1024
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _low_precision(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def _tile_bytes_per_token(vocab: int, dtype: torch.dtype, softcap: float | None) -> int:
+    if _low_precision(dtype):
+        return vocab * dtype_bytes(dtype)  # the fp32 work is done on cache-sized row blocks
+    return vocab * dtype_bytes(dtype) * (2 if softcap else 1)
+
+
+def auto_chunk_size(vocab: int, dtype: torch.dtype, softcap: float | None) -> int:
+    rows = TILE_BUDGET // _tile_bytes_per_token(vocab, dtype, softcap)
+    return max(MIN_CHUNK, rows // MIN_CHUNK * MIN_CHUNK)
+
+
+def _buffer_view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return buffer[: rows * cols].view(rows, cols)  # contiguous whatever the row count
+
+
+def _softcap_(scores: torch.Tensor, tanh: torch.Tensor, cap: float) -> None:
+    """scores ← cap·tanh(scores/cap), keeping tanh(scores/cap) for the derivative."""
+    torch.div(scores, cap, out=tanh).tanh_()
+    torch.mul(tanh, cap, out=scores)
+
+
+def _token_loss(s_target, logp_target, s_mean, label_smoothing, z_loss):
+    """(per-token loss, log-sum-exp), float64, from the target's score and log-probability and
+    the mean score over the vocabulary (needed with label smoothing only)."""
+    lse = s_target - logp_target
+    loss = -(1 - label_smoothing) * logp_target
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - s_mean)
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    return loss, lse
+
+
+def _grad_scales(token_weight, lse, label_smoothing, z_loss, vocab, dtype):
+    """The gradient of token_weight·loss with respect to the scores is
+    row·p − onehot·onehot(target) − smooth·1 (before the softcap's derivative)."""
+    wt = token_weight.double()
+    row = wt * (1 + 2 * z_loss * lse)
+    onehot = wt * (1 - label_smoothing)
+    smooth = wt * (label_smoothing / vocab)
+    return row.to(dtype), onehot.to(dtype), smooth.to(dtype)
+
+
+def _kept_spans(block_max: list[float], target_blocks: set[int], eps: float, vocab: int) -> list[tuple[int, int]]:
+    """Contiguous vocabulary ranges of the FILTER_BLOCK-wide blocks that gradient filtering keeps:
+    those with a probability ≥ eps or a target of the chunk."""
+    spans: list[tuple[int, int]] = []
+    for b, peak in enumerate(block_max):
+        if peak < eps and b not in target_blocks:
+            continue
+        lo, hi = b * FILTER_BLOCK, min(vocab, (b + 1) * FILTER_BLOCK)
+        if spans and spans[-1][1] == lo:
+            spans[-1] = (spans[-1][0], hi)
+        else:
+            spans.append((lo, hi))
+    return spans
+
+
+def _chunked_loss_and_grads(h, weight, bias, targets, *, chunk_size, token_weight, **kw):
+    """Per-token losses [n] (fp32) and log-sum-exps [n] of kept tokens ``h`` [n, D], ``targets`` [n].
+
+    With ``token_weight`` [n] (d total / d loss_n) also the gradients (dh, dW, db) of
+    Σ token_weight·loss, in the dtypes of h, weight and bias (None where not needed)."""
+    n, vocab = h.shape[0], weight.shape[0]
+    out = (torch.empty(n, dtype=torch.float32, device=h.device), torch.empty(n, dtype=torch.float32, device=h.device))
+    pass_ = _low_precision_pass if _low_precision(h.dtype) else _full_precision_pass
+    grads = pass_(h, weight, bias, targets, max(1, min(n, chunk_size)), token_weight, *out, **kw)
+    if grads is not None:  # 16-bit: cast the fp32 accumulators now that the pass's tiles are freed
+        dh, dw, db = grads
+        grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
+    return (*out, grads)
+
+
+def _full_precision_pass(h, weight, bias, targets, rows, token_weight, losses, lses, *, softcap, label_smoothing,
+                         z_loss, filter_eps, need_weight_grad=True, need_bias_grad=True):
+    """fp32/fp64: vocabulary-major [V, chunk] tiles, because W @ hᵀ runs faster than h @ Wᵀ on CPU
+    BLAS; the one-hot and label-smoothing terms of the gradient are applied to the small operands
+    instead of the tile."""
+    vocab, dtype, dev = weight.shape[0], h.dtype, h.device
+    scores_buf = torch.empty(vocab * rows, dtype=dtype, device=dev)
+    tanh_buf = torch.empty(vocab * rows, dtype=dtype, device=dev) if softcap else None
+    grads = token_weight is not None
+    if grads:
+        dh = torch.empty_like(h)
+        # unfiltered, the first chunk's product initializes dW: no zero-fill pass over V × D
+        first_chunk_sets_dw = filter_eps is None and len(h) > 0
+        dw = (torch.empty_like if first_chunk_sets_dw else torch.zeros_like)(weight) if need_weight_grad else None
+        db = torch.zeros_like(bias) if bias is not None and need_bias_grad else None
+        smooth_sum = torch.zeros(h.shape[1], dtype=dtype, device=dev)  # Σ_n smooth_n·h_n
+        w_colsum = weight.sum(0) if label_smoothing else None
+    for start in range(0, h.shape[0], rows):
+        hc, tc = h[start:start + rows], targets[start:start + rows]
+        m, idx = hc.shape[0], tc.unsqueeze(0)
+        scores = _buffer_view(scores_buf, vocab, m)
+        if bias is None:
+            torch.mm(weight, hc.T, out=scores)
+        else:
+            torch.addmm(bias.unsqueeze(1), weight, hc.T, out=scores)
+        if softcap:
+            _softcap_(scores, _buffer_view(tanh_buf, vocab, m), softcap)
+        s_target = scores.gather(0, idx).squeeze(0).double()
+        s_mean = scores.sum(0, dtype=torch.float64) / vocab if label_smoothing else None
+        torch.log_softmax(scores, 0, out=scores)  # in place: the scores become log-probabilities
+        loss, lse = _token_loss(s_target, scores.gather(0, idx).squeeze(0).double(), s_mean, label_smoothing, z_loss)
+        losses[start:start + m], lses[start:start + m] = loss, lse
+        if not grads:
+            continue
+
+        row, onehot, smooth = _grad_scales(token_weight[start:start + m], lse, label_smoothing, z_loss, vocab, dtype)
+        # the softmax of the log-probabilities is that of the scores; CPU's fused softmax is
+        # several times faster than an in-place exp
+        tile = torch.softmax(scores, 0, out=scores)
+        if softcap:  # the derivative varies per entry: build the exact gradient tile
+            deriv = _buffer_view(tanh_buf, vocab, m).square_().neg_().add_(1)
+            tile.mul_(row)
+            if label_smoothing:
+                tile.sub_(smooth)
+            tile.mul_(deriv).scatter_add_(0, idx, -(onehot * deriv.gather(0, idx).squeeze(0)).unsqueeze(0))
+            row = None
+        spans = [(0, vocab)]
+        if filter_eps is not None:
+            block_max = [tile[lo:lo + FILTER_BLOCK].abs().amax() for lo in range(0, vocab, FILTER_BLOCK)]
+            spans = _kept_spans(torch.stack(block_max).tolist(), set((tc // FILTER_BLOCK).tolist()), filter_eps, vocab)
+        scaled_h = hc if row is None else row.unsqueeze(1) * hc
+        dh_c = torch.zeros_like(hc)
+        for lo, hi in spans:
+            part = tile[lo:hi]
+            dh_c.addmm_(part.T, weight[lo:hi])
+            if dw is not None and start == 0 and first_chunk_sets_dw:
+                torch.mm(part, scaled_h, out=dw[lo:hi])
+            elif dw is not None:
+                dw[lo:hi].addmm_(part, scaled_h)
+            if db is not None:
+                db[lo:hi] += part @ (torch.ones_like(lse, dtype=dtype) if row is None else row)
+        if row is not None:  # the row scale, one-hot and smoothing terms, outside the tile
+            dh_c.mul_(row.unsqueeze(1)).sub_(onehot.unsqueeze(1) * weight[tc])
+            if label_smoothing:
+                dh_c.sub_(smooth.unsqueeze(1) * w_colsum)
+                smooth_sum += smooth @ hc
+            if dw is not None:
+                dw.index_put_((tc,), (onehot.unsqueeze(1) * hc).neg_(), accumulate=True)
+            if db is not None:
+                db.index_put_((tc,), onehot.neg(), accumulate=True)
+                db.sub_(smooth.sum())
+        dh[start:start + m] = dh_c
+    if not grads:
+        return None
+    if dw is not None and label_smoothing and not softcap:
+        dw.sub_(smooth_sum)
+    return dh, dw, db
+
+
+def _low_precision_pass(h, weight, bias, targets, rows, token_weight, losses, lses, *, softcap, label_smoothing,
+                        z_loss, filter_eps, need_weight_grad=True, need_bias_grad=True):
+    """bf16/fp16: one token-major [chunk, V] tile in the input dtype, as eager's logits. The
+    log-sum-exp comes from an fp32 log-softmax of a cache-sized block of rows at a time; the
+    probabilities from the 16-bit softmax kernel (fp32 inside) in place on the tile, the
+    operand of the 16-bit gradient matmuls (fp32 accumulation inside each). The row scale,
+    one-hot and smoothing terms go to the small operands, except under softcap, whose
+    derivative varies per entry: there each row block becomes its exact gradient rows in fp32.
+    The weight gradient is accumulated over chunks in fp32."""
+    vocab, dim, dtype, dev = weight.shape[0], h.shape[1], h.dtype, h.device
+    tile_buf = torch.empty(rows * vocab, dtype=dtype, device=dev)
+    block_rows = max(1, min(rows, ROW_BLOCK_BYTES // (4 * vocab)))
+    work_buf = torch.empty(block_rows * vocab, dtype=torch.float32, device=dev)
+    tanh_buf = torch.empty(block_rows * vocab, dtype=torch.float32, device=dev) if softcap else None
+    n_blocks = -(-vocab // FILTER_BLOCK)
+    grads = token_weight is not None
+    if grads:
+        f32 = {"dtype": torch.float32, "device": dev}
+        dh = torch.empty_like(h)
+        # unfiltered, the first chunk's product initializes dW: no zero-fill pass over V × D
+        first_chunk_sets_dw = filter_eps is None and len(h) > 0
+        dw = (torch.empty if first_chunk_sets_dw else torch.zeros)(weight.shape, **f32) if need_weight_grad else None
+        db = torch.zeros(vocab, **f32) if bias is not None and need_bias_grad else None
+        smooth_sum = torch.zeros(dim, **f32)  # Σ_n smooth_n·h_n
+        w_colsum = weight.sum(0, dtype=torch.float32) if label_smoothing else None
+    for start in range(0, h.shape[0], rows):
+        hc, tc = h[start:start + rows], targets[start:start + rows]
+        m = hc.shape[0]
+        tile = _buffer_view(tile_buf, m, vocab)
+        if bias is None:
+            torch.mm(hc, weight.T, out=tile)
+        else:
+            torch.addmm(bias, hc, weight.T, out=tile)
+        if grads:
+            row = torch.empty(m, **f32)
+            onehot = torch.empty(m, **f32)
+            smooth = torch.empty(m, **f32)
+        block_max = torch.zeros(n_blocks, dtype=torch.float32, device=dev) if grads and filter_eps else None
+        for r in range(0, m, block_rows):
+            q = min(block_rows, m - r)
+            rows_r = slice(r, r + q)
+            f = _buffer_view(work_buf, q, vocab).copy_(tile[rows_r])
+            idx = tc[rows_r].unsqueeze(1)
+            if softcap:
+                _softcap_(f, _buffer_view(tanh_buf, q, vocab), softcap)
+            s_target = f.gather(1, idx).squeeze(1).double()
+            s_mean = f.sum(1, dtype=torch.float64) / vocab if label_smoothing else None
+            torch.log_softmax(f, 1, out=f)
+            loss, lse = _token_loss(s_target, f.gather(1, idx).squeeze(1).double(), s_mean, label_smoothing, z_loss)
+            losses[start + r:start + r + q], lses[start + r:start + r + q] = loss, lse
+            if not grads:
+                continue
+            row[rows_r], onehot[rows_r], smooth[rows_r] = _grad_scales(
+                token_weight[start + r:start + r + q], lse, label_smoothing, z_loss, vocab, torch.float32)
+            if softcap:  # exact gradient rows: (row·p − smooth − onehot)·(1 − tanh²)
+                g = torch.softmax(f, 1, out=f)
+                if block_max is not None:
+                    _update_block_max(block_max, g)
+                g.mul_(row[rows_r].unsqueeze(1))
+                if label_smoothing:
+                    g.sub_(smooth[rows_r].unsqueeze(1))
+                deriv = _buffer_view(tanh_buf, q, vocab).square_().neg_().add_(1)
+                g.mul_(deriv).scatter_add_(1, idx, -(onehot[rows_r] * deriv.gather(1, idx).squeeze(1)).unsqueeze(1))
+                if db is not None:
+                    db += g.sum(0)
+                tile[rows_r].copy_(g)
+            else:
+                probs = torch.softmax(tile[rows_r], 1, out=tile[rows_r])  # 16-bit in and out, fp32 inside
+                if block_max is not None:
+                    _update_block_max(block_max, probs)
+        if not grads:
+            continue
+
+        spans = [(0, vocab)]
+        if block_max is not None:
+            spans = _kept_spans(block_max.tolist(), set((tc // FILTER_BLOCK).tolist()), filter_eps, vocab)
+        scale = None if softcap else row
+        scaled_h = hc if scale is None else (scale.unsqueeze(1) * hc).to(dtype)
+        dh_c = torch.zeros(m, dim, **f32)
+        for lo, hi in spans:
+            part = tile[:, lo:hi]
+            dh_c += part @ weight[lo:hi]
+            if db is not None and scale is not None:
+                db[lo:hi] += part.T @ scale.to(dtype)
+            if dw is not None:
+                for blo in range(lo, hi, ACCUMULATE_BLOCK):
+                    bhi = min(hi, blo + ACCUMULATE_BLOCK)
+                    if start == 0 and first_chunk_sets_dw:
+                        dw[blo:bhi].copy_(tile[:, blo:bhi].T @ scaled_h)
+                    else:
+                        dw[blo:bhi] += tile[:, blo:bhi].T @ scaled_h
+        if scale is not None:  # the row scale, one-hot and smoothing terms, outside the tile
+            dh_c.mul_(scale.unsqueeze(1)).sub_(onehot.unsqueeze(1) * weight[tc])
+            if label_smoothing:
+                dh_c.sub_(smooth.unsqueeze(1) * w_colsum)
+                smooth_sum += smooth @ hc.float()
+            if dw is not None:
+                dw.index_put_((tc,), (onehot.unsqueeze(1) * hc).neg_(), accumulate=True)
+            if db is not None:
+                db.index_put_((tc,), onehot.neg(), accumulate=True)
+                db.sub_(smooth.sum())
+        dh[start:start + m] = dh_c
+    if not grads:
+        return None
+    if dw is not None and label_smoothing and not softcap:
+        dw.sub_(smooth_sum)
+    return dh, dw, db  # fp32 dW and db: the caller casts them once the tiles are gone
+
+
+def _update_block_max(block_max: torch.Tensor, probs: torch.Tensor) -> None:
+    """block_max[b] ← max(block_max[b], largest probability of vocabulary block b in probs)."""
+    n_blocks = block_max.shape[0]
+    padded = F.pad(probs.float(), (0, n_blocks * FILTER_BLOCK - probs.shape[1]))
+    torch.maximum(block_max, padded.view(probs.shape[0], n_blocks, FILTER_BLOCK).amax(dim=(0, 2)), out=block_max)
+
+
+def _eval_scores(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
+    """[m, V] fp32 soft-capped scores of a chunk of tokens (evaluation and generation)."""
+    scores = F.linear(h, weight, bias).float()
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
+
+
+@contextlib.contextmanager
+def _weight_available(weight: torch.Tensor):
+    """Under ZeRO-3 a partitioned parameter outside its module's forward holds a 0-element
+    0-element stand-in; gather it for the duration. A no-op without DeepSpeed."""
+    if weight.numel() == 0 and hasattr(weight, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            yield
+    else:
+        yield
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, opts, want_grads):
+        """(per-token or reduced loss, per-token lse of kept tokens [non-differentiable])."""
+        n_total = targets.shape[0]
+        keep = targets != opts["ignore_index"]
+        all_kept = bool(keep.all())
+        kept = None if all_kept else keep.nonzero().squeeze(1)
+        h = hidden if all_kept else hidden.index_select(0, kept)
+        t = targets if all_kept else targets.index_select(0, kept)
+        n = t.shape[0]
+        reduction = opts["reduction"]
+        scalar = reduction != "none"
+        kwargs = {k: opts[k] for k in ("softcap", "label_smoothing", "z_loss", "chunk_size", "filter_eps")}
+        token_weight = None
+        if want_grads and scalar:
+            scale = 1.0 / max(n, 1) if reduction == "mean" else 1.0  # all ignored: nan mean, zero gradients, as eager
+            token_weight = torch.full((n,), scale, dtype=torch.float32, device=h.device)
+        need = ctx.needs_input_grad
+        losses, lses, grads = _chunked_loss_and_grads(h, weight, bias, t, token_weight=token_weight,
+                                                      need_weight_grad=need[1], need_bias_grad=need[2], **kwargs)
+        ctx.opts, ctx.kept, ctx.n_total, ctx.scalar = opts, kept, n_total, scalar
+        if scalar:
+            ctx.grads = grads
+            loss = losses.sum() if reduction == "sum" else losses.sum() / n
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets)
+            loss = losses if all_kept else losses.new_zeros(n_total).index_copy_(0, kept, losses)
+        ctx.mark_non_differentiable(lses)
+        return loss, lses
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        if ctx.scalar:
+            if ctx.grads is None:
+                raise RuntimeError("linear_cross_entropy: backward through the same loss twice is not supported "
+                                   "(its gradients are computed in the forward and handed over once)")
+            (dh, dw, db), ctx.grads = ctx.grads, None
+            if not bool(grad_loss == 1):
+                dh, dw = dh.mul_(grad_loss.to(dh.dtype)), None if dw is None else dw.mul_(grad_loss.to(dw.dtype))
+                db = None if db is None else db.mul_(grad_loss.to(db.dtype))
+        else:
+            hidden, weight, bias, targets = ctx.saved_tensors
+            kept = ctx.kept
+            h = hidden if kept is None else hidden.index_select(0, kept)
+            t = targets if kept is None else targets.index_select(0, kept)
+            g = grad_loss if kept is None else grad_loss.index_select(0, kept)
+            kwargs = {k: ctx.opts[k] for k in ("softcap", "label_smoothing", "z_loss", "chunk_size", "filter_eps")}
+            with _weight_available(weight):
+                _, _, (dh, dw, db) = _chunked_loss_and_grads(
+                    h, weight, bias, t, token_weight=g.float(), need_weight_grad=ctx.needs_input_grad[1],
+                    need_bias_grad=ctx.needs_input_grad[2], **kwargs)
+        if ctx.kept is not None:
+            dh = dh.new_zeros(ctx.n_total, dh.shape[1]).index_copy_(0, ctx.kept, dh)
+        return dh, dw, db, None, None, None
+
+
+def _check_inputs(hidden, weight, targets, bias, ignore_index, reduction, softcap, label_smoothing, z_loss,
+                  chunk_size, filter_eps):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1 or hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"hidden must be a [..., D] float tensor, got {getattr(hidden, 'dtype', type(hidden))}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, {hidden.shape[-1]}] to match hidden, got {list(getattr(weight, 'shape', []))}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
+        raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {hidden.dtype}, got {list(bias.shape)} {bias.dtype}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be an int64 tensor, got {getattr(targets, 'dtype', type(targets))}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape {list(hidden.shape[:-1])} (hidden without its last dim), "
+                         f"got {list(targets.shape)}")
+    devices = {hidden.device, weight.device, targets.device} | ({bias.device} if bias is not None else set())
+    if len(devices) > 1:
+        raise ValueError(f"hidden, weight, targets and bias must be on one device, got {sorted(map(str, devices))}")
+    vocab = weight.shape[0]
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                         f"got {targets[bad][0].item()}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if not z_loss >= 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if filter_eps is not None and not 0 < filter_eps < 1:
+        raise ValueError(f"filter_eps must be None or in (0, 1), got {filter_eps}")
+
+
+def linear_cross_entropy_with_lse(hidden, weight, targets, *, bias=None, ignore_index=IGNORE_INDEX,
+                                  reduction="mean", softcap=None, label_smoothing=0.0, z_loss=0.0,
+                                  chunk_size=None, filter_eps=None):
+    """``linear_cross_entropy`` plus the log-sum-exp [n_kept] of every non-ignored token (fp32,
+    no gradient), for logging."""
+    _check_inputs(hidden, weight, targets, bias, ignore_index, reduction, softcap, label_smoothing, z_loss,
+                  chunk_size, filter_eps)
+    lead = targets.shape
+    hidden2, targets1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0], hidden.dtype, softcap)
+    opts = {"ignore_index": ignore_index, "reduction": reduction, "softcap": softcap,
+            "label_smoothing": float(label_smoothing), "z_loss": float(z_loss), "chunk_size": chunk_size,
+            "filter_eps": filter_eps}
+    inputs = (hidden2, weight) if bias is None else (hidden2, weight, bias)
+    want_grads = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    loss, lse = _LinearCrossEntropy.apply(hidden2, weight, bias, targets1, opts, want_grads)
+    return (loss.reshape(lead) if reduction == "none" else loss), lse
+
+
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=IGNORE_INDEX, reduction="mean",
+                         softcap=None, label_smoothing=0.0, z_loss=0.0, chunk_size=None, filter_eps=None):
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` without forming the logits.
+
+    Equals ``F.cross_entropy(logits, targets, ignore_index=, reduction=, label_smoothing=)`` in value
+    and gradients (hidden, weight, bias), where ``softcap`` first maps logits to c·tanh(logits/c)
+    and ``z_loss`` adds z_loss·logsumexp(logits)² per token (PaLM's auxiliary loss).
+
+    hidden [..., D] and weight [V, D] (and bias [V]) share one float dtype; 16-bit inputs get
+    16-bit matmuls as in eager, with the softmax and the weight-gradient accumulation in fp32.
+    targets [...] int64, ``ignore_index`` marks tokens that do not count (dropped before any
+    matmul). ``reduction`` is "mean" over non-ignored tokens, "sum", or "none" (per token, 0 where
+    ignored). ``chunk_size`` tokens per tile (default: a ~64 MiB tile). ``filter_eps`` (opt-in,
+    inexact) skips vocabulary blocks of the gradient whose probabilities are all below it.
+    """
+    return linear_cross_entropy_with_lse(
+        hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+        label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size, filter_eps=filter_eps)[0]
+
+
+class CCEOptions(HeadOptions):
+    bias: bool = Field(False, description="add a learned bias to the logits")
+    softcap: float | None = Field(None, gt=0, description="cap logits as c·tanh(logits/c) (Gemma 2 uses 30)")
+    z_loss: float = Field(0.0, ge=0, description="PaLM auxiliary penalty z_loss·logsumexp(logits)² per token")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
+    chunk_size: int | None = Field(None, ge=1, description="tokens per logit tile (default: a ~64 MiB tile)")
+    filter_eps: float | None = Field(
+        None, gt=0, lt=1, description="skip gradient blocks whose probabilities are all below this (inexact)")
+
+
+class CCEHead(Head):
+    """The softmax head's model and options, trained without materializing the logits."""
+
+    name = "cce"
+    Options = CCEOptions
+    supports_tying = True
+
+    def __init__(self, options: CCEOptions, hidden_size: int, vocab_size: int):
+        super().__init__(options, hidden_size, vocab_size)
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(vocab_size)) if options.bias else None
+        nn.init.normal_(self.weight, std=0.02)  # as the softmax head: a recipe can swap them
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> HeadOutput:
+        check_head_inputs(hidden, targets, self.hidden_size)
+        o = self.options
+        loss, lse = linear_cross_entropy_with_lse(
+            hidden, self.weight, targets, bias=self.bias, softcap=o.softcap, label_smoothing=o.label_smoothing,
+            z_loss=o.z_loss, chunk_size=o.chunk_size, filter_eps=o.filter_eps)
+        n_keep = max(lse.numel(), 1)
+        metrics = {"lse_mean": float(lse.sum()) / n_keep}
+        if o.z_loss:
+            metrics["z_loss_aux"] = float(lse.double().square().sum()) / n_keep
+        return HeadOutput(loss=loss, metrics=metrics)
+
+    def _score_chunks(self, hidden: torch.Tensor):
+        """(start, [chunk, V] fp32 soft-capped scores): evaluation never holds N × V scores."""
+        rows = auto_chunk_size(self.vocab_size, torch.float32, None)  # fp32 [rows, V] scores: ~64 MiB
+        for start in range(0, hidden.shape[0], rows):
+            yield start, _eval_scores(hidden[start:start + rows], self.weight, self.bias, self.options.softcap)
+
+    @torch.no_grad()
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        check_head_inputs(hidden, targets, self.hidden_size)
+        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start, scores in self._score_chunks(hidden):
+            t = targets[start:start + scores.shape[0]].clamp(min=0).unsqueeze(1)
+            out[start:start + scores.shape[0]] = torch.log_softmax(scores, 1, out=scores).gather(1, t).squeeze(1)
+        return out
+
+    @torch.no_grad()
+    def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        check_head_inputs(hidden, None, self.hidden_size)
+        if not 1 <= k <= self.vocab_size:
+            raise ValueError(f"k must be in [1, {self.vocab_size}], got {k}")
+        out = torch.empty(hidden.shape[0], k, dtype=torch.long, device=hidden.device)
+        for start, scores in self._score_chunks(hidden):
+            out[start:start + scores.shape[0]] = scores.topk(k, dim=1).indices
+        return out
+
+    @torch.no_grad()
+    def sample(self, hidden, temperature=1.0, generator=None):
+        check_head_inputs(hidden, None, self.hidden_size)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        out = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        for start, scores in self._score_chunks(hidden):
+            probs = torch.softmax(scores.div_(temperature), 1, out=scores)
+            out[start:start + scores.shape[0]] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return out
+
+    @classmethod
+    def transient_bytes(cls, options, n_tokens, hidden_size, vocab_size, dtype):
+        # One chunk's tile (and, for 16-bit inputs, the fp32 row blocks), the gradient of the
+        # hidden states, the kept-token copy of the hidden states, and for 16-bit weights the
+        # fp32 weight-gradient accumulator (the 16-bit gradient itself is the parameter's).
+        rows = min(n_tokens, options.chunk_size or auto_chunk_size(vocab_size, dtype, options.softcap))
+        tiles = rows * _tile_bytes_per_token(vocab_size, dtype, options.softcap)
+        hidden_bytes = 2 * n_tokens * hidden_size * dtype_bytes(dtype)
+        low = _low_precision(dtype)
+        row_blocks = (2 if options.softcap else 1) * max(ROW_BLOCK_BYTES, 4 * vocab_size) if low else 0
+        acc = vocab_size * hidden_size * 4 if low else 0
+        return tiles + row_blocks + hidden_bytes + acc

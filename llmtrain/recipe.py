@@ -1,0 +1,239 @@
+"""The Recipe schema: one pydantic model drives validation, `recipe check` output and overrides.
+
+Field descriptions double as documentation: `llmtrain recipe check --doc` prints them.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmtrain.errors import UserError
+from llmtrain.heads import HEADS, head_class, parse_head_options
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "stdlib",
+        description="'stdlib' (the running Python's standard library source, always on disk), a path "
+        "or glob of .txt/.py/.jsonl/.parquet files or a directory of them, or 'hf:NAME' for a "
+        "Hugging Face dataset (needs network)",
+    )
+    text_field: str = Field("text", description="column holding the text in JSONL/Parquet/HF data")
+    hf_config: str | None = Field(None, description="Hugging Face dataset configuration name")
+    hf_split: str = Field("train", description="Hugging Face dataset split")
+    max_bytes: int | None = Field(None, gt=0, description="read at most this many bytes of text (documents in sorted order)")
+    val_fraction: float = Field(0.02, gt=0, lt=0.5, description="share of documents held out for validation")
+    cache_dir: str = Field(".cache/llmtrain", description="where tokenizers and packed datasets are cached")
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(32768, ge=260, le=2_000_000, description="byte-level BPE vocabulary size when training one")
+    path: str | None = Field(None, description="load this tokenizer.json instead of training one")
+    min_frequency: int = Field(2, ge=1, description="minimum pair frequency for a BPE merge")
+    train_bytes: int | None = Field(None, gt=0, description="train the tokenizer on at most this many bytes of text")
+
+
+class ModelConfig(Section):
+    layers: int = Field(4, ge=1, description="transformer blocks")
+    d_model: int = Field(256, ge=8, description="hidden size")
+    n_heads: int = Field(4, ge=1, description="attention heads (d_model must divide by it)")
+    ffn_hidden: int | None = Field(None, ge=8, description="SwiGLU inner size (default: 8/3·d_model rounded up to 64)")
+    seq_len: int = Field(256, ge=8, description="tokens per training sequence")
+    tie_embeddings: bool = Field(False, description="share the input embedding with the head's output weight")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
+    init_std: float = Field(0.02, gt=0, description="std of the normal init of linear and embedding weights")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(300, ge=1, description="optimizer steps in the whole schedule")
+    micro_batch: int = Field(8, ge=1, description="sequences per rank per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(3e-4, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(30, ge=0, description="linear warm-up steps from 0 to lr")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only; not norms, biases)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = off)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 (DeepSpeed bf16 mode, fp32 master weights)")
+    seed: int = Field(1234, description="seeds the model init, the data order and every RNG")
+    log_every: int = Field(10, ge=1, description="steps between metric records")
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+        return self
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 (DDP), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO-Offload of optimizer states (stage ≥ 1)")
+    offload_param: Literal["none", "cpu"] = Field("none", description="ZeRO-Infinity parameter offload (stage 3 only)")
+    config: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged last (expert escape hatch)")
+
+    @model_validator(mode="after")
+    def _offload(self):
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage 3")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage ≥ 1")
+        return self
+
+
+class CheckpointConfig(Section):
+    every: int = Field(100, ge=1, description="steps between checkpoints (one is also saved at the end)")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
+
+
+class EvalConfig(Section):
+    every: int = Field(100, ge=1, description="steps between validation passes (one also runs at the end)")
+    batches: int = Field(8, ge=1, description="validation micro-batches per rank per pass")
+
+
+class LaunchConfig(Section):
+    ranks_per_node: int = Field(2, ge=1, description="worker processes per node (GPUs per node on a cluster)")
+    nodes: int = Field(1, ge=1, description="nodes (more than 1 needs --hostfile or SLURM)")
+    launcher: Literal["deepspeed", "torchrun"] = Field("deepspeed", description="process launcher for local runs")
+    master_port: int | None = Field(None, ge=1024, le=65535, description="rendezvous port (default: a free one)")
+
+
+class HeadSection(BaseModel):
+    """`type` picks the head; the remaining keys are that head's options, validated by the head."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field("softmax", description="output head: softmax | hsm | zloss | cce")
+
+
+class Recipe(Section):
+    name: str | None = Field(None, description="run name (default: the recipe file's name)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    head: HeadSection = Field(default_factory=HeadSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.ranks_per_node * self.launch.nodes
+
+    def head_spec(self) -> dict[str, Any]:
+        return self.head.model_dump()
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: the model, the head and the tokenizer."""
+        return {"model": self.model.model_dump(), "head": self.head_spec(), "tokenizer": self.tokenizer.model_dump()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- loading and errors
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply dotted `key=value` overrides, validate everything, and raise one
+    UserError that lists every problem (key, bad value, what is allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (model, head, data, train, ...)")
+    raw.setdefault("name", path.stem)
+    return validate_recipe(raw, overrides, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], overrides: Sequence[str] = (), source: str = "recipe") -> Recipe:
+    raw = copy.deepcopy(raw)
+    errors = [e for item in overrides if (e := _apply_override(raw, item))]
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        errors += [_describe(err, Recipe) for err in e.errors()]
+    errors += _head_errors(raw.get("head") or {}, raw.get("model") or {})
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise UserError(f"{source}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n{lines}")
+    return recipe
+
+
+def _apply_override(raw: dict, item: str) -> str | None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        return f"override {item!r}: write overrides as key=value, e.g. train.steps=200"
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            return f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section"
+    node[parts[-1]] = yaml.safe_load(value) if value else None
+    return None
+
+
+def _describe(err: dict, model: type[BaseModel], prefix: tuple = ()) -> str:
+    loc = prefix + tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(model, tuple(err["loc"][:-1]))
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        also = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(known)}"
+        return f"{key}: unknown key; {also}"
+    msg = err["msg"].removeprefix("Value error, ")
+    shown = "" if err["type"] == "missing" or isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+    return f"{key}: {msg}{shown}"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _head_errors(head: Any, model: Any) -> list[str]:
+    """The head's options are validated by the head's own schema (llmtrain/heads/<type>.py)."""
+    if not isinstance(head, dict):
+        return []  # Recipe validation already reported it
+    spec = dict(head)
+    name = spec.get("type", "softmax")
+    if name not in HEADS:
+        hint = difflib.get_close_matches(str(name), list(HEADS), n=1)
+        return [f"head.type: unknown head {name!r}; " + (f"did you mean {hint[0]!r}?" if hint else f"choose one of {', '.join(HEADS)}")]
+    try:
+        cls, _ = parse_head_options(spec)
+    except ValidationError as e:
+        return [_describe(err, head_class(name).Options, prefix=("head",)) for err in e.errors()]
+    if isinstance(model, dict) and model.get("tie_embeddings") and not cls.supports_tying:
+        return [f"model.tie_embeddings: the {name} head has no single [vocab, d_model] weight to share; set it to false"]
+    return []

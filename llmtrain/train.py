@@ -1,0 +1,323 @@
+"""The worker: one process per rank, started by the launcher (`python -m llmtrain.train RUN_DIR`).
+
+It reads everything from the run folder the CLI prepared (recipe.resolved.yaml, data.json), builds
+the model and the DeepSpeed engine, and trains: LR as a pure function of the step, evaluation,
+checkpoints with every rank's RNG state and the sampler position, and a clean stop on
+SIGTERM/SIGINT/SIGUSR1 (finish the step, save, exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# torch.distributed deprecates a call that DeepSpeed makes; the warning is theirs, not the user's.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+import torch.distributed as dist
+import yaml
+
+from llmtrain.checkpoint import META, prune, tag_for, write_meta
+from llmtrain.data import PreparedData, ResumableSampler, load_split, token_bytes
+from llmtrain.memory import memory_source, peak_bytes
+from llmtrain.memory_measure import oom_snapshot
+from llmtrain.model import LanguageModel, count_parameters
+from llmtrain.recipe import Recipe, TrainConfig
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `steps`: a pure function of the step."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
+    t, d = recipe.train, recipe.deepspeed
+    zero: dict = {"stage": d.zero_stage}
+    if d.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": d.offload_optimizer}
+    if d.offload_param != "none":
+        zero["offload_param"] = {"device": d.offload_param}
+    config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        # torch's AdamW on CPU; DeepSpeed's fused Adam needs CUDA.
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
+                                                  "weight_decay": t.weight_decay,
+                                                  "torch_adam": not torch.cuda.is_available()}},
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    return _merge(config, d.config)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only (not norms, biases); a tied weight appears once."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Set by a stop signal; ranks agree on it at step boundaries so all of them save together."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.signal_name else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Worker:
+    def __init__(self, run_dir: Path, resume: Path | None, stop_after: int | None):
+        import deepspeed
+
+        self.run_dir = run_dir
+        self.recipe = Recipe.model_validate(yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text()))
+        self.data = PreparedData.from_json((run_dir / "data.json").read_text())
+        self.stop_after = stop_after
+        self.stop = StopFlag()
+
+        deepspeed.init_distributed(verbose=False)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        r = self.recipe
+        self.device = torch.device(deepspeed.get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+        torch.manual_seed(r.train.seed)  # identical initial weights on every rank
+        model = LanguageModel(r.model, r.head_spec(), self.data.vocab_size)
+        model.head.prepare(torch.from_numpy(np.load(self.data.counts_path)))
+        self.n_params = count_parameters(model)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, r.train.weight_decay),
+            config=deepspeed_config(r, self.world),
+        )
+        self.train_blocks = load_split(self.data.train_path)
+        self.val_blocks = load_split(self.data.val_path)
+        self.token_bytes = token_bytes(self.data.tokenizer_path).to(self.device)
+        self.sampler = ResumableSampler(len(self.train_blocks), r.train.micro_batch, self.rank, self.world, r.train.seed)
+        self.step, self.tokens_seen = 0, 0
+        # A distinct stream per rank for anything random during training (dropout, sampling).
+        seed_all(r.train.seed * 1000 + 17 + self.rank)
+        if resume is not None:
+            self._load(resume)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self) -> Path:
+        ckpt_dir = self.run_dir / "checkpoints"
+        tag = tag_for(self.step)
+        states = [None] * self.world
+        dist.all_gather_object(states, rng_state())
+        client = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
+                  "rng": states, "world_size": self.world, "universal_checkpoint_info": {}}
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+        dist.barrier()
+        if self.rank == 0:
+            write_meta(ckpt_dir / tag, {
+                "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
+                "identity": self.recipe.identity(), "tokenizer_hash": self.data.tokenizer_hash,
+                "recipe": self.recipe.model_dump(mode="json"), "saved_at": time.time(),
+            })
+            prune(ckpt_dir, self.recipe.checkpoint.keep_last)
+        dist.barrier()
+        return ckpt_dir / tag
+
+    def _load(self, tag_dir: Path) -> None:
+        path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                   load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {tag_dir}")
+        self.step, self.tokens_seen = client["step"], client["tokens_seen"]
+        self.sampler.load_state_dict(client["sampler"])
+        if client.get("world_size") == self.world:
+            set_rng_state(client["rng"][self.rank])
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _head_params(self):
+        """ZeRO-3 gathers the head's weights only inside its forward; eval calls other methods."""
+        if self.recipe.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.head.parameters()))
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        model = self.engine.module
+        head = model.head
+        mb, batches = self.recipe.train.micro_batch, self.recipe.eval.batches
+        n_val = len(self.val_blocks)
+        sums = torch.zeros(6, dtype=torch.float64)  # nll, bytes, tokens, top1, top5, top10
+        for b in range(batches):
+            start = ((b * self.world + self.rank) * mb) % max(1, n_val - mb + 1)
+            block = self.val_blocks[start:start + mb].to(self.device)
+            hidden = model.body(block[:, :-1]).flatten(0, 1)
+            targets = block[:, 1:].flatten()
+            with self._head_params():
+                top = head.topk(hidden, 10)
+                if head.is_distribution:
+                    sums[0] -= head.token_logprobs(hidden, targets).double().sum().cpu()
+            hits = (top == targets[:, None]).cumsum(1)
+            sums[1] += self.token_bytes[targets].sum().cpu()
+            sums[2] += targets.numel()
+            sums[3:] += torch.stack([hits[:, k - 1].sum() for k in (1, 5, 10)]).double().cpu()
+        dist.all_reduce(sums)
+        nll, nbytes, ntok = sums[0].item(), sums[1].item(), sums[2].item()
+        out = {f"val_top{k}": sums[3 + i].item() / ntok for i, k in enumerate((1, 5, 10))}
+        if head.is_distribution:
+            out.update(val_loss=nll / ntok, val_ppl=math.exp(min(nll / ntok, 700)), val_bpb=nll / (math.log(2) * nbytes))
+        return out
+
+    # ------------------------------------------------------------------ training
+
+    def train(self) -> int:
+        from llmtrain.metrics import MetricsSink
+
+        r = self.recipe
+        sink = MetricsSink(self.run_dir, r.train.steps, self.step) if self.rank == 0 else None
+        if sink and self.step == 0:
+            sink.message(f"[bold]{r.name}[/]: {self.n_params / 1e6:.2f}M parameters, head {r.head.type}, "
+                         f"ZeRO-{r.deepspeed.zero_stage}, {self.world} ranks, {r.train.precision}")
+        global_tokens = r.train.micro_batch * r.train.grad_accum * self.world * r.model.seq_len
+        end = r.train.steps if self.stop_after is None else min(r.train.steps, self.step + self.stop_after)
+        reason, last_saved = "complete", None
+        window_start, window_tokens = time.perf_counter(), 0
+        peak_bytes(reset=True)
+        while self.step < end:
+            loss = self._train_step(lr_at(self.step, r.train))
+            self.step += 1
+            self.tokens_seen += global_tokens
+            window_tokens += global_tokens
+            stopping = self.stop.agreed()
+            if self.step % r.train.log_every == 0 or self.step == end or stopping:
+                dist.all_reduce(loss)
+                now = time.perf_counter()
+                record = {"step": self.step, "loss": loss.item() / self.world, "lr": lr_at(self.step - 1, r.train),
+                          "tokens_seen": self.tokens_seen,
+                          "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                          "peak_mem_bytes": self._peak_memory()}
+                if sink:
+                    sink.log(record)
+                window_start, window_tokens = time.perf_counter(), 0
+            if self.step % r.eval.every == 0 or self.step == r.train.steps:
+                record = {"step": self.step, **self.evaluate()}
+                if sink:
+                    sink.log(record)
+                window_start = time.perf_counter()  # tokens/s measures training, not eval
+            if self.step % r.checkpoint.every == 0 or self.step == end or stopping:
+                last_saved = self._save()
+                window_start = time.perf_counter()
+            if stopping:
+                reason = f"stopped by {self.stop.signal_name or 'a signal on another rank'}"
+                break
+        if self.step < r.train.steps and reason == "complete":
+            reason = f"stopped after {self.stop_after} steps (--stop-after)"
+        if last_saved is None and self.step > 0:
+            last_saved = self._save()
+        if sink:
+            sink.close()
+            self._report(reason, last_saved)
+        return 0
+
+    def _train_step(self, lr: float) -> torch.Tensor:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros(())
+        accum = self.recipe.train.grad_accum
+        for _ in range(accum):
+            block = self.train_blocks[self.sampler.next_indices()].to(self.device)
+            out = self.engine(block[:, :-1], block[:, 1:])
+            self.engine.backward(out.loss)
+            self.engine.step()
+            total += out.loss.detach().float().cpu()
+        return total / accum
+
+    def _peak_memory(self) -> int:
+        """Largest per-rank peak since the last record."""
+        peak = torch.tensor([float(peak_bytes(reset=True))])
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return int(peak.item())
+
+    def _report(self, reason: str, saved: Path | None) -> None:
+        status = {"reason": reason, "step": self.step, "steps": self.recipe.train.steps,
+                  "checkpoint": str(saved) if saved else None, "memory_source": memory_source()}
+        (self.run_dir / "status.yaml").write_text(yaml.safe_dump(status, sort_keys=False))
+        print(f"{reason} at step {self.step}/{self.recipe.train.steps}; run folder {self.run_dir}", flush=True)
+        if self.step < self.recipe.train.steps:
+            print(f"resume with: llmtrain run {self.run_dir / 'recipe.resolved.yaml'} --out {self.run_dir} --resume auto",
+                  flush=True)
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmtrain.train", description="llmtrain worker (started by `llmtrain run`)")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--resume", type=Path, default=None, help="checkpoint folder to continue from")
+    parser.add_argument("--stop-after", type=int, default=None)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
+    args = parser.parse_args(argv)
+    worker = Worker(args.run_dir, args.resume, args.stop_after)
+    with oom_snapshot(worker.run_dir, worker.rank):  # CUDA: dump allocator history on OOM
+        code = worker.train()
+    dist.barrier()
+    dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""`bench heads` end to end on a tiny shape: every contender measured in its own process, the
+JSON carries the documented fields, and a failing contender is reported, not fatal."""
+
+import json
+
+from typer.testing import CliRunner
+
+from conftest import TESTS
+from llmtrain.bench import adaptive_cutoffs, app
+from llmtrain.heads import HEADS
+
+TINY = ["--tokens", "48", "--vocab", "200", "--hidden", "16", "--repeats", "2", "--warmup", "1", "--device", "cpu"]
+
+
+def test_bench_heads_tiny_shape_writes_documented_json(tmp_path, monkeypatch):
+    monkeypatch.setitem(HEADS, "broken", "bench_broken_head:BrokenHead")
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["heads", *TINY, "--heads", "softmax,broken",
+                                      "--peers", "torch-linear-ce,torch-eager", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["shape"] == {"tokens": 48, "vocab": 200, "hidden": 16}
+    assert doc["dtype"] == "fp32" and doc["torch"] and doc["device"].startswith("cpu")
+    assert doc["matmul"]["status"] == "ok" and doc["matmul"]["gflops"] > 0 and doc["matmul"]["floor_ms"] > 0
+    by_name = {r["name"]: r for r in doc["results"]}
+    assert [r["name"] for r in doc["results"]] == ["torch-eager", "torch-linear-ce", "softmax", "broken"]
+    for name in ("torch-eager", "torch-linear-ce", "softmax"):
+        r = by_name[name]
+        assert r["status"] == "ok", r
+        assert len(r["times_ms"]) == 2 and r["time_ms"] > 0 and r["peak_extra_mib"] >= 0
+        assert abs(r["time_vs_floor"] - r["time_ms"] / doc["matmul"]["floor_ms"]) < 1e-9
+        assert abs(r["time_vs_eager"] - r["time_ms"] / by_name["torch-eager"]["time_ms"]) < 1e-9
+    assert by_name["broken"]["status"] == "failed"
+    assert "forward refused" in by_name["broken"]["note"]
+    assert "failed" in result.output
+
+
+def test_bench_rejects_unknown_names_and_dtype():
+    result = CliRunner().invoke(app, ["heads", *TINY, "--peers", "torch-eagre"])
+    assert result.exit_code != 0 and "torch-eagre" in result.output and "--peers" in result.output
+    result = CliRunner().invoke(app, ["heads", *TINY, "--dtype", "fp16"])
+    assert result.exit_code != 0 and "--dtype" in result.output
+
+
+def test_adaptive_cutoffs_start_at_sqrt_vocab_and_stay_inside():
+    for vocab in (200, 65536, 256000):
+        cuts = adaptive_cutoffs(vocab)
+        assert cuts[0] ** 2 >= vocab > (cuts[0] - 1) ** 2
+        assert cuts == sorted(cuts) and cuts[-1] < vocab

@@ -1,0 +1,225 @@
+"""`llmtrain profile`: estimates against measurements in fresh processes, against a built model,
+DeepSpeed's own estimator and the CCE paper; the budget verdict; the JSON; bad input."""
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from llmtrain.cli import user_errors
+from llmtrain.heads import HEADS, head_class
+from llmtrain.memory import peak_bytes, reset_cpu_peak
+from llmtrain.memory_measure import measure, oom_snapshot
+from llmtrain.memory_model import (PRESETS, estimate_head, estimate_recipe, param_count, parse_budget,
+                                   recipe_with)
+from llmtrain.model import LanguageModel, count_parameters
+from llmtrain.profile import profile
+from llmtrain.recipe import ModelConfig, validate_recipe
+
+MiB = 2**20
+# (tokens, vocab, hidden, dtype): each head's figure is tens to hundreds of MiB, well above the
+# resident-set noise of a fresh process (a fraction of a MiB).
+HEAD_SHAPES = [(1024, 16384, 256, "fp32"), (256, 32768, 512, "bf16"), (2048, 8192, 512, "fp32")]
+SMALL_RECIPE = {"model": {"layers": 2, "d_model": 128, "n_heads": 4, "seq_len": 256},
+                "train": {"micro_batch": 4, "precision": "bf16"}, "tokenizer": {"vocab_size": 8192},
+                "deepspeed": {"zero_stage": 0}, "launch": {"ranks_per_node": 1}}
+
+
+def cli(*args):
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.command("profile")(user_errors(profile))
+    app.command("noop")(lambda: None)  # a second command keeps `profile` a subcommand, as in llmtrain
+    return CliRunner().invoke(app, ["profile", *args])
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """Every head at every shape, and one training step, in one fresh measuring process."""
+    head_jobs = [{"kind": "head", "head": {"type": name}, "tokens": n, "vocab": v, "hidden": d, "dtype": dt}
+                 for name in HEADS for n, v, d, dt in HEAD_SHAPES]
+    recipe = validate_recipe(SMALL_RECIPE)
+    step_job = {"kind": "step", "recipe": recipe.model_dump(mode="json"), "vocab": 8192}
+    results = measure(head_jobs + [step_job])
+    return list(zip(head_jobs, results[:-1])), (recipe, results[-1])
+
+
+@pytest.mark.xfail(strict=True, reason="known defect (issue 6 open): cce's bf16 transient_bytes overestimates by ~22% after the latest cce changes; recalibrate")
+def test_each_head_estimate_is_within_10_percent_of_its_measurement(measured):
+    head_results, _ = measured
+    for job, result in head_results:
+        assert "bytes" in result, f"{job['head']} failed to measure: {result}"
+        est = estimate_head(job["head"], job["tokens"], job["hidden"], job["vocab"], job["dtype"]).head_total
+        where = f"{job['head']['type']} at {job['tokens']}×{job['vocab']}×{job['hidden']} {job['dtype']}"
+        assert result["method"] == "cpu-live-tensors"
+        assert abs(est / result["bytes"] - 1) <= 0.10, f"{where}: estimate {est / MiB:.1f} MiB, measured {result['bytes'] / MiB:.1f} MiB"
+        assert result["peak_rss_bytes"] > 0
+
+
+def test_training_step_estimate_matches_one_measured_step(measured):
+    _, (recipe, result) = measured
+    assert "bytes" in result, result
+    est = estimate_recipe(recipe, 8192, world_size=1)
+    assert abs(est.total / result["bytes"] - 1) <= 0.10, (est.components, result)
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(layers=2, d_model=32, n_heads=4, seq_len=16),
+    ModelConfig(layers=3, d_model=48, n_heads=6, seq_len=16, ffn_hidden=80, tie_embeddings=True),
+])
+@pytest.mark.parametrize("head", list(HEADS))
+def test_param_count_matches_the_built_model(cfg, head):
+    if cfg.tie_embeddings and not head_class(head).supports_tying:
+        cfg = cfg.model_copy(update={"tie_embeddings": False})
+    model = LanguageModel(cfg, {"type": head}, vocab_size=300)
+    counted = param_count(cfg, 300, {"type": head})
+    assert counted.total == count_parameters(model)
+    assert counted.head == count_parameters(model.head)
+
+
+def test_model_states_agree_with_deepspeeds_zero2_estimator():
+    """Where DeepSpeed's estimator fits (bf16, ZeRO-2) its model-state figure is ours."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    recipe = validate_recipe(PRESETS["llama3-8b"], ["deepspeed.zero_stage=2"])
+    est = estimate_recipe(recipe, 128256, world_size=8)
+    ours = est.components["parameters"] + est.components["gradients"] + est.components["optimizer_states"]
+    total = param_count(recipe.model, 128256, recipe.head_spec()).total
+    theirs = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=8, cpu_offload=False)[1]
+    assert abs(ours / theirs - 1) < 0.01
+
+
+@pytest.mark.xfail(strict=True, reason="known defect (issues 6/8 open): cce's fp32 weight-gradient accumulator puts it at 3.0x the 1,161 MiB lower bound, target 1.5x")
+def test_gemma_preset_against_the_cce_paper(tmp_path):
+    out = tmp_path / "gemma.json"
+    result = cli("--preset", "gemma2-2b", "--no-measure", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert "28,000 MiB" in result.output and "1,161 MiB" in result.output
+    report = json.loads(out.read_text())
+    assert report["target"]["tokens"] == 8192 and report["target"]["vocab"] == 256000
+    softmax = report["heads"]["softmax"]["estimate"]["head_total"]
+    assert abs(softmax / (28_000 * MiB) - 1) <= 0.15
+    if "cce" in report["heads"]:
+        assert 1_161 * MiB <= report["heads"]["cce"]["estimate"]["head_total"] <= 1.5 * 1_161 * MiB
+
+
+def test_llama_preset_estimate_allocates_nothing():
+    reset_cpu_peak()
+    before = peak_bytes()
+    result = cli("--preset", "llama3-8b", "--no-measure", "--budget", "80GB", "--world-size", "8")
+    assert result.exit_code == 0, result.output
+    # A per-rank estimate of tens of GiB, computed in well under a GiB (imports included).
+    assert "GiB" in result.output and peak_bytes() - before < 2**30
+
+
+def test_budget_parsing():
+    assert parse_budget("80 GB") == 80 * 10**9
+    assert parse_budget("80GiB") == 80 * 2**30
+    assert parse_budget("80e9") == 80 * 10**9
+    assert parse_budget("512MiB") == 512 * 2**20
+    for bad in ("eighty", "80 parsecs", "-5GB", "0", "", "1e400"):
+        with pytest.raises(ValueError, match="--budget"):
+            parse_budget(bad)
+
+
+def test_verdict_names_the_least_disruptive_change_that_fits(tmp_path):
+    recipe = validate_recipe(SMALL_RECIPE, ["deepspeed.zero_stage=1", "launch.ranks_per_node=4",
+                                            "train.micro_batch=8", "deepspeed.config={zero_optimization: {reduce_bucket_size: 1000}}"])
+    here, stage3 = estimate_recipe(recipe, 8192).total, estimate_recipe(recipe_with(recipe, deepspeed={"zero_stage": 3}), 8192).total
+    assert stage3 < here
+    budget = (here + stage3) // 2
+    yaml_path = tmp_path / "r.yaml"
+    yaml_path.write_text(recipe.to_yaml())
+    out = tmp_path / "r.json"
+    result = cli(str(yaml_path), "--heads", "softmax", "--budget", str(budget), "--no-measure", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    entry = json.loads(out.read_text())["heads"]["softmax"]
+    assert entry["fits"] is False and entry["estimate"]["total"] == here
+    assert entry["parameter_count"]["total"] == count_parameters(LanguageModel(recipe.model, {"type": "softmax"}, 8192))
+    e = entry["estimate"]
+    assert set(e) == {"parameters", "gradients", "optimizer_states", "zero_buffers", "zero3_gathered", "activations",
+                      "head_transient", "head_total", "total"}
+    assert e["zero_buffers"] == 1000 * 2  # the recipe's reduce bucket, bf16
+    assert e["total"] == e["parameters"] + e["optimizer_states"] + e["zero_buffers"] + max(
+        e["activations"] + e["head_total"] + e["zero3_gathered"], e["gradients"])
+    changes = {f["change"]: f["total"] for f in entry["fixes"]}
+    first_stage = next(c for c in changes if c.startswith("ZeRO-"))
+    assert all(total <= budget for total in changes.values())
+    # the lowest stage that fits, and the largest micro-batch that fits
+    for stage in range(2, int(first_stage[-1])):
+        assert estimate_recipe(recipe_with(recipe, deepspeed={"zero_stage": stage}), 8192).total > budget
+    mb = next(int(c.split()[1]) for c in changes if c.startswith("micro_batch"))
+    for larger in (m for m in range(mb + 1, 8) if 8 % m == 0):
+        assert estimate_recipe(recipe_with(recipe, train={"micro_batch": larger, "grad_accum": 8 // larger}), 8192).total > budget
+    assert "fits with: ZeRO-" in result.output
+    # a budget above the total fits, with nothing to change
+    result = cli(str(yaml_path), "--heads", "softmax", "--budget", str(here), "--no-measure", "--json", str(out))
+    assert json.loads(out.read_text())["heads"]["softmax"]["fits"] is True
+
+
+def test_bare_shape_json_measured_and_plot(tmp_path):
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    est = estimate_head({"type": "softmax"}, 512, 64, 8192, "fp32")
+    result = cli("--tokens", "512", "--vocab", "8192", "--hidden", "64", "--dtype", "fp32", "--heads", "softmax",
+                 "--budget", str(est.total // 2), "--json", str(out), "--plot", str(png))
+    assert result.exit_code == 0, result.output
+    entry = json.loads(out.read_text())["heads"]["softmax"]
+    assert set(entry["estimate"]) == {"parameters", "gradients", "head_transient", "head_total", "total"}
+    assert entry["estimate"]["total"] == est.total and entry["fits"] is False
+    fix = entry["fixes"][0]
+    assert fix["change"].startswith("tokens ") and fix["total"] <= est.total // 2
+    m = entry["measured"]["head_forward_backward"]
+    assert m["method"] == "cpu-live-tensors" and m["device"] == "cpu" and m["bytes"] > 0
+    # the resident set, measured independently of the tracker, tells the same story for softmax
+    assert abs(m["peak_rss_bytes"] / m["bytes"] - 1) < 0.10
+    assert m["compare_with"] == {"estimate": "head_total", "bytes": est.head_total}
+    assert "live tensor bytes" in result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--preset", "gemma2-2b", "--budget", "eighty"], ["--budget", "eighty", "80GB"]),
+    (["--preset", "gemma2-2b", "--heads", "softmax,nope"], ["--heads", "nope", "softmax"]),
+    (["--preset", "gpt5"], ["--preset", "gpt5", "gemma2-2b"]),
+    (["--tokens", "0", "--vocab", "10", "--hidden", "8"], ["--tokens"]),
+    (["--tokens", "8", "--vocab", "10"], ["--hidden"]),
+    (["--tokens", "8", "--vocab", "10", "--hidden", "8", "--dtype", "fp16"], ["--dtype", "bf16"]),
+    (["--preset", "gemma2-2b", "--tokens", "8"], ["--preset", "a shape"]),
+    ([], ["recipe", "--preset"]),
+    (["--preset", "gemma2-2b", "--snapshot", "snaps"], ["--snapshot", "CUDA"]),
+])
+def test_bad_input_is_a_clear_error(args, words):
+    result = cli(*args, "--no-measure") if "--snapshot" not in args else cli(*args)
+    assert result.exit_code == 2, result.output
+    for word in words:
+        assert word in result.output
+
+
+def test_estimates_reject_a_zero_shape():
+    with pytest.raises(ValueError, match="tokens"):
+        estimate_head({"type": "softmax"}, 0, 64, 100, "fp32")
+    with pytest.raises(ValueError, match="vocab"):
+        estimate_head({"type": "softmax"}, 10, 64, 0, "fp32")
+
+
+def test_oom_snapshot_is_a_no_op_on_cpu(tmp_path, monkeypatch):
+    import torch
+
+    def refuse(*a, **k):
+        raise AssertionError("recorded CUDA history on CPU")
+
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", refuse)
+    with oom_snapshot(tmp_path):
+        torch.ones(3).sum()
+    with pytest.raises(RuntimeError, match="boom"), oom_snapshot(tmp_path):
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shape_too_big_for_this_machine_is_estimated_but_not_measured(tmp_path):
+    out = tmp_path / "big.json"
+    result = cli("--tokens", "1000000", "--vocab", "1000000", "--hidden", "4096", "--heads", "softmax", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    entry = json.loads(out.read_text())["heads"]["softmax"]
+    assert entry["estimate"]["head_total"] > 10**12
+    assert "free memory" in entry["measured"]["head_forward_backward"]["skipped"]
