@@ -319,5 +319,15 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def exit_skipping_finalizers(code: int) -> None:
+    """Leave the process without interpreter finalization. DeepSpeed and gloo keep C++ threads
+    alive past destroy_process_group; now and then one is still joinable while Python tears down,
+    and the rank dies with "terminate called without an active exception" (SIGABRT) after a run
+    that finished. Everything we own is flushed and closed by this point."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_skipping_finalizers(main())
