@@ -44,7 +44,6 @@ def measured():
     return list(zip(head_jobs, results[:-1])), (recipe, results[-1])
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (issue 6 open): cce's bf16 transient_bytes overestimates by ~22% after the latest cce changes; recalibrate")
 def test_each_head_estimate_is_within_10_percent_of_its_measurement(measured):
     head_results, _ = measured
     for job, result in head_results:
@@ -89,7 +88,6 @@ def test_model_states_agree_with_deepspeeds_zero2_estimator():
     assert abs(ours / theirs - 1) < 0.01
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (issues 6/8 open): cce's fp32 weight-gradient accumulator puts it at 3.0x the 1,161 MiB lower bound, target 1.5x")
 def test_gemma_preset_against_the_cce_paper(tmp_path):
     out = tmp_path / "gemma.json"
     result = cli("--preset", "gemma2-2b", "--no-measure", "--json", str(out))

@@ -1,16 +1,19 @@
 """Cut cross-entropy: linear layer + cross-entropy whose tokens × vocab logits never exist at once.
 
-Tokens are processed in chunks of ``chunk_size``. For each chunk one matmul forms its logit tile
-(all V scores of the chunk's tokens), a log-softmax gives the log-sum-exp and the loss, and —
-when gradients are wanted and the loss is reduced to a scalar — a softmax of the same tile feeds
-the two gradient matmuls right away (Liger Kernel's order: the gradients are final during the
-forward because the loss ends the graph; backward only scales them by the upstream scalar). So
-each of the three N·V·D products is done once, extra memory is one tile plus, for 16-bit weights,
-an fp32 weight-gradient accumulator, and the backward needs neither the weight nor the inputs —
-which is also what makes it correct under ZeRO-3, where the weight is gathered only around the
-head's forward. ``reduction="none"`` cannot fold an arbitrary per-token upstream gradient into
-gradients computed earlier, so it keeps the inputs and recomputes the tiles in backward (gathering
-a ZeRO-3 weight there if it is partitioned).
+Tokens are processed in chunks of ``chunk_size``. In fp32 each chunk's logit tile (all V scores
+of the chunk's tokens) is formed by one matmul, a log-softmax gives the log-sum-exp and the loss,
+and — when gradients are wanted and the loss is reduced to a scalar — a softmax of the same tile
+feeds the two gradient matmuls right away (Liger Kernel's order: the gradients are final during
+the forward because the loss ends the graph; backward only scales them by the upstream scalar).
+So each of the three N·V·D products is done once and extra memory is one tile. In bf16/fp16 the
+weight gradient must be summed over chunks in fp32: rather than keep a V × D fp32 accumulator
+(twice the 16-bit gradient), a second pass goes over the vocabulary in blocks with the
+log-sum-exps known, recomputing the scores (Apple's CCE order), and sums each block of dW over
+all tokens in fp32. Either way the backward needs neither the weight nor the inputs — which is
+also what makes it correct under ZeRO-3, where the weight is gathered only around the head's
+forward. ``reduction="none"`` cannot fold an arbitrary per-token upstream gradient into
+gradients computed earlier, so it keeps the inputs and recomputes in backward (gathering a ZeRO-3
+weight there if it is partitioned).
 
 The gradient of one token's loss with respect to its (soft-capped) scores s, before the softcap's
 derivative 1 − tanh²: w·[(1 + 2·z_loss·lse)·p − (1 − ε)·onehot(target) − ε/V], w the token's
@@ -35,7 +38,7 @@ TILE_BUDGET = 64 * 2**20
 MIN_CHUNK = 16
 # 16-bit inputs: rows of the tile taken through the fp32 softmax at a time (cache-sized).
 ROW_BLOCK_BYTES = 16 * 2**20
-# Vocabulary rows per 16-bit weight-gradient product, added to the fp32 accumulator while in cache.
+# 16-bit gradients: vocabulary rows per block of dW summed over all tokens in fp32.
 ACCUMULATE_BLOCK = 8192
 # Vocabulary block that gradient filtering (filter_eps) keeps or skips as a whole.
 FILTER_BLOCK = 1024
@@ -114,9 +117,9 @@ def _chunked_loss_and_grads(h, weight, bias, targets, *, chunk_size, token_weigh
     out = (torch.empty(n, dtype=torch.float32, device=h.device), torch.empty(n, dtype=torch.float32, device=h.device))
     pass_ = _low_precision_pass if _low_precision(h.dtype) else _full_precision_pass
     grads = pass_(h, weight, bias, targets, max(1, min(n, chunk_size)), token_weight, *out, **kw)
-    if grads is not None:  # 16-bit: cast the fp32 accumulators now that the pass's tiles are freed
+    if grads is not None:  # 16-bit: cast the fp32 dh now that the pass's tiles are freed
         dh, dw, db = grads
-        grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
+        grads = (dh.to(h.dtype), dw, db)
     return (*out, grads)
 
 
@@ -201,47 +204,40 @@ def _full_precision_pass(h, weight, bias, targets, rows, token_weight, losses, l
 
 def _low_precision_pass(h, weight, bias, targets, rows, token_weight, losses, lses, *, softcap, label_smoothing,
                         z_loss, filter_eps, need_weight_grad=True, need_bias_grad=True):
-    """bf16/fp16: one token-major [chunk, V] tile in the input dtype, as eager's logits. The
-    log-sum-exp comes from an fp32 log-softmax of a cache-sized block of rows at a time; the
-    probabilities from the 16-bit softmax kernel (fp32 inside) in place on the tile, the
-    operand of the 16-bit gradient matmuls (fp32 accumulation inside each). The row scale,
-    one-hot and smoothing terms go to the small operands, except under softcap, whose
-    derivative varies per entry: there each row block becomes its exact gradient rows in fp32.
-    The weight gradient is accumulated over chunks in fp32."""
-    vocab, dim, dtype, dev = weight.shape[0], h.shape[1], h.dtype, h.device
+    """bf16/fp16 in two passes, as Apple's CCE kernels: the losses and log-sum-exps first, then,
+    with the log-sum-exps known, the gradients one vocabulary block at a time. Going over the
+    vocabulary in the outer loop lets each block of dW be summed over all tokens in fp32 and cast
+    once, so the fp32 accumulation costs one block, not a V × D buffer beside the 16-bit gradient
+    (which would double the gradient's memory); the price is a fourth N·V·D product, recomputing
+    the scores."""
+    _low_precision_losses(h, weight, bias, targets, rows, losses, lses, softcap=softcap,
+                          label_smoothing=label_smoothing, z_loss=z_loss)
+    if token_weight is None:
+        return None
+    return _low_precision_grads(h, weight, bias, targets, rows, token_weight, lses, softcap=softcap,
+                                label_smoothing=label_smoothing, z_loss=z_loss, filter_eps=filter_eps,
+                                need_weight_grad=need_weight_grad, need_bias_grad=need_bias_grad)
+
+
+def _low_precision_losses(h, weight, bias, targets, rows, losses, lses, *, softcap, label_smoothing, z_loss):
+    """Pass 1: a token-major [chunk, V] tile in the input dtype, as eager's logits; the
+    log-softmax in fp32 over a cache-sized block of rows at a time."""
+    vocab, dtype, dev = weight.shape[0], h.dtype, h.device
     tile_buf = torch.empty(rows * vocab, dtype=dtype, device=dev)
     block_rows = max(1, min(rows, ROW_BLOCK_BYTES // (4 * vocab)))
     work_buf = torch.empty(block_rows * vocab, dtype=torch.float32, device=dev)
     tanh_buf = torch.empty(block_rows * vocab, dtype=torch.float32, device=dev) if softcap else None
-    n_blocks = -(-vocab // FILTER_BLOCK)
-    grads = token_weight is not None
-    if grads:
-        f32 = {"dtype": torch.float32, "device": dev}
-        dh = torch.empty_like(h)
-        # unfiltered, the first chunk's product initializes dW: no zero-fill pass over V × D
-        first_chunk_sets_dw = filter_eps is None and len(h) > 0
-        dw = (torch.empty if first_chunk_sets_dw else torch.zeros)(weight.shape, **f32) if need_weight_grad else None
-        db = torch.zeros(vocab, **f32) if bias is not None and need_bias_grad else None
-        smooth_sum = torch.zeros(dim, **f32)  # Σ_n smooth_n·h_n
-        w_colsum = weight.sum(0, dtype=torch.float32) if label_smoothing else None
     for start in range(0, h.shape[0], rows):
         hc, tc = h[start:start + rows], targets[start:start + rows]
-        m = hc.shape[0]
-        tile = _buffer_view(tile_buf, m, vocab)
+        tile = _buffer_view(tile_buf, hc.shape[0], vocab)
         if bias is None:
             torch.mm(hc, weight.T, out=tile)
         else:
             torch.addmm(bias, hc, weight.T, out=tile)
-        if grads:
-            row = torch.empty(m, **f32)
-            onehot = torch.empty(m, **f32)
-            smooth = torch.empty(m, **f32)
-        block_max = torch.zeros(n_blocks, dtype=torch.float32, device=dev) if grads and filter_eps else None
-        for r in range(0, m, block_rows):
-            q = min(block_rows, m - r)
-            rows_r = slice(r, r + q)
-            f = _buffer_view(work_buf, q, vocab).copy_(tile[rows_r])
-            idx = tc[rows_r].unsqueeze(1)
+        for r in range(0, hc.shape[0], block_rows):
+            q = min(block_rows, hc.shape[0] - r)
+            f = _buffer_view(work_buf, q, vocab).copy_(tile[r:r + q])
+            idx = tc[r:r + q].unsqueeze(1)
             if softcap:
                 _softcap_(f, _buffer_view(tanh_buf, q, vocab), softcap)
             s_target = f.gather(1, idx).squeeze(1).double()
@@ -249,70 +245,76 @@ def _low_precision_pass(h, weight, bias, targets, rows, token_weight, losses, ls
             torch.log_softmax(f, 1, out=f)
             loss, lse = _token_loss(s_target, f.gather(1, idx).squeeze(1).double(), s_mean, label_smoothing, z_loss)
             losses[start + r:start + r + q], lses[start + r:start + r + q] = loss, lse
-            if not grads:
-                continue
-            row[rows_r], onehot[rows_r], smooth[rows_r] = _grad_scales(
-                token_weight[start + r:start + r + q], lse, label_smoothing, z_loss, vocab, torch.float32)
-            if softcap:  # exact gradient rows: (row·p − smooth − onehot)·(1 − tanh²)
-                g = torch.softmax(f, 1, out=f)
-                if block_max is not None:
-                    _update_block_max(block_max, g)
-                g.mul_(row[rows_r].unsqueeze(1))
-                if label_smoothing:
-                    g.sub_(smooth[rows_r].unsqueeze(1))
-                deriv = _buffer_view(tanh_buf, q, vocab).square_().neg_().add_(1)
-                g.mul_(deriv).scatter_add_(1, idx, -(onehot[rows_r] * deriv.gather(1, idx).squeeze(1)).unsqueeze(1))
-                if db is not None:
-                    db += g.sum(0)
-                tile[rows_r].copy_(g)
+
+
+def _low_precision_grads(h, weight, bias, targets, rows, token_weight, lses, *, softcap, label_smoothing, z_loss,
+                         filter_eps, need_weight_grad, need_bias_grad):
+    """Pass 2: for each block of ACCUMULATE_BLOCK vocabulary rows and each chunk of ``rows`` tokens, the
+    scores are recomputed (16-bit matmul), turned into exact gradient rows in fp32
+    (row·exp(s − lse) − smooth − onehot, times 1 − tanh² under softcap) and cast to 16 bits
+    for the two gradient matmuls, whose products are summed in fp32: dh over the vocabulary blocks,
+    the block of dW (and db) over the token chunks."""
+    n, dim = h.shape
+    vocab, dtype, dev = weight.shape[0], h.dtype, h.device
+    f32 = {"dtype": torch.float32, "device": dev}
+    row, onehot, smooth = _grad_scales(token_weight, lses.double(), label_smoothing, z_loss, vocab, torch.float32)
+    block = min(vocab, ACCUMULATE_BLOCK)
+    s_buf = torch.empty(rows * block, dtype=dtype, device=dev)
+    g_buf = torch.empty(rows * block, **f32)
+    tanh_buf = torch.empty(rows * block, **f32) if softcap else None
+    dh = torch.zeros(n, dim, **f32)
+    dw = torch.empty_like(weight) if need_weight_grad else None  # the 16-bit gradient, written block by block
+    dw_acc = torch.empty(block, dim, **f32) if need_weight_grad else None
+    db = torch.empty_like(bias) if bias is not None and need_bias_grad else None
+    for lo in range(0, vocab, block):
+        width = min(block, vocab - lo)
+        wb = weight[lo:lo + width]
+        acc = None if dw_acc is None else dw_acc[:width].zero_()
+        db_acc = None if db is None else torch.zeros(width, **f32)
+        for start in range(0, n, rows):
+            hc, tc = h[start:start + rows], targets[start:start + rows]
+            m = hc.shape[0]
+            s = _buffer_view(s_buf, m, width)
+            if bias is None:
+                torch.mm(hc, wb.T, out=s)
             else:
-                probs = torch.softmax(tile[rows_r], 1, out=tile[rows_r])  # 16-bit in and out, fp32 inside
-                if block_max is not None:
-                    _update_block_max(block_max, probs)
-        if not grads:
-            continue
-
-        spans = [(0, vocab)]
-        if block_max is not None:
-            spans = _kept_spans(block_max.tolist(), set((tc // FILTER_BLOCK).tolist()), filter_eps, vocab)
-        scale = None if softcap else row
-        scaled_h = hc if scale is None else (scale.unsqueeze(1) * hc).to(dtype)
-        dh_c = torch.zeros(m, dim, **f32)
-        for lo, hi in spans:
-            part = tile[:, lo:hi]
-            dh_c += part @ weight[lo:hi]
-            if db is not None and scale is not None:
-                db[lo:hi] += part.T @ scale.to(dtype)
-            if dw is not None:
-                for blo in range(lo, hi, ACCUMULATE_BLOCK):
-                    bhi = min(hi, blo + ACCUMULATE_BLOCK)
-                    if start == 0 and first_chunk_sets_dw:
-                        dw[blo:bhi].copy_(tile[:, blo:bhi].T @ scaled_h)
-                    else:
-                        dw[blo:bhi] += tile[:, blo:bhi].T @ scaled_h
-        if scale is not None:  # the row scale, one-hot and smoothing terms, outside the tile
-            dh_c.mul_(scale.unsqueeze(1)).sub_(onehot.unsqueeze(1) * weight[tc])
+                torch.addmm(bias[lo:lo + width], hc, wb.T, out=s)
+            g = _buffer_view(g_buf, m, width).copy_(s)
+            if softcap:
+                _softcap_(g, _buffer_view(tanh_buf, m, width), softcap)
+            g.sub_(lses[start:start + m].unsqueeze(1)).exp_().mul_(row[start:start + m].unsqueeze(1))
             if label_smoothing:
-                dh_c.sub_(smooth.unsqueeze(1) * w_colsum)
-                smooth_sum += smooth @ hc.float()
-            if dw is not None:
-                dw.index_put_((tc,), (onehot.unsqueeze(1) * hc).neg_(), accumulate=True)
-            if db is not None:
-                db.index_put_((tc,), onehot.neg(), accumulate=True)
-                db.sub_(smooth.sum())
-        dh[start:start + m] = dh_c
-    if not grads:
-        return None
-    if dw is not None and label_smoothing and not softcap:
-        dw.sub_(smooth_sum)
-    return dh, dw, db  # fp32 dW and db: the caller casts them once the tiles are gone
+                g.sub_(smooth[start:start + m].unsqueeze(1))
+            local = tc - lo
+            inside = ((local >= 0) & (local < width)).nonzero().squeeze(1)
+            g.index_put_((inside, local[inside]), -onehot[start:start + m][inside], accumulate=True)
+            if softcap:
+                g.mul_(_buffer_view(tanh_buf, m, width).square_().neg_().add_(1))
+            spans = [(0, width)]
+            if filter_eps is not None:
+                spans = _filtered_spans(g, local[inside], filter_eps)
+            if db_acc is not None:
+                db_acc += g.sum(0)
+            gl = s.copy_(g)  # the 16-bit operand of the gradient matmuls
+            for a, b in spans:
+                dh[start:start + m] += gl[:, a:b] @ wb[a:b]
+                if acc is not None:
+                    acc[a:b] += gl[:, a:b].T @ hc
+        if dw is not None:
+            dw[lo:lo + width].copy_(acc)
+        if db is not None:
+            db[lo:lo + width].copy_(db_acc)
+    return dh, dw, db  # fp32 dh: the caller casts it once these buffers are gone
 
 
-def _update_block_max(block_max: torch.Tensor, probs: torch.Tensor) -> None:
-    """block_max[b] ← max(block_max[b], largest probability of vocabulary block b in probs)."""
-    n_blocks = block_max.shape[0]
-    padded = F.pad(probs.float(), (0, n_blocks * FILTER_BLOCK - probs.shape[1]))
-    torch.maximum(block_max, padded.view(probs.shape[0], n_blocks, FILTER_BLOCK).amax(dim=(0, 2)), out=block_max)
+def _filtered_spans(g: torch.Tensor, local_targets: torch.Tensor, eps: float) -> list[tuple[int, int]]:
+    """Column ranges of a [m, width] gradient tile that gradient filtering keeps: FILTER_BLOCK-wide
+    blocks with an entry ≥ eps in magnitude or a target of the chunk."""
+    width = g.shape[1]
+    n_blocks = -(-width // FILTER_BLOCK)
+    padded = F.pad(g.abs(), (0, n_blocks * FILTER_BLOCK - width))
+    block_max = padded.view(g.shape[0], n_blocks, FILTER_BLOCK).amax(dim=(0, 2))
+    return _kept_spans(block_max.tolist(), set((local_targets // FILTER_BLOCK).tolist()), eps, width)
 
 
 def _eval_scores(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
@@ -541,13 +543,21 @@ class CCEHead(Head):
 
     @classmethod
     def transient_bytes(cls, options, n_tokens, hidden_size, vocab_size, dtype):
-        # One chunk's tile (and, for 16-bit inputs, the fp32 row blocks), the gradient of the
-        # hidden states, the kept-token copy of the hidden states, and for 16-bit weights the
-        # fp32 weight-gradient accumulator (the 16-bit gradient itself is the parameter's).
+        # Batches with ignored tokens add a copy of the kept hidden states (n·D in the input
+        # dtype); packed training data has none, and neither has the profiler's measurement.
         rows = min(n_tokens, options.chunk_size or auto_chunk_size(vocab_size, dtype, options.softcap))
-        tiles = rows * _tile_bytes_per_token(vocab_size, dtype, options.softcap)
-        hidden_bytes = 2 * n_tokens * hidden_size * dtype_bytes(dtype)
-        low = _low_precision(dtype)
-        row_blocks = (2 if options.softcap else 1) * max(ROW_BLOCK_BYTES, 4 * vocab_size) if low else 0
-        acc = vocab_size * hidden_size * 4 if low else 0
-        return tiles + row_blocks + hidden_bytes + acc
+        tile = rows * _tile_bytes_per_token(vocab_size, dtype, options.softcap)
+        hidden_grad = n_tokens * hidden_size * dtype_bytes(dtype)
+        if not _low_precision(dtype):
+            # one pass: a tile beside the final gradients, and per chunk four [rows, D]
+            # temporaries (its dh, the row-scaled hidden states, the target rows of W and their product)
+            return tile + hidden_grad + 4 * rows * hidden_size * dtype_bytes(dtype)
+        # pass 1 (losses) runs before any gradient exists; pass 2 sums dh in fp32 beside one
+        # [rows, block] tile in 16 and 32 bits, one fp32 block of dW and the 16-bit product added
+        # to it; then dh is cast.
+        work = (2 if options.softcap else 1) * max(ROW_BLOCK_BYTES, 4 * vocab_size)
+        pass1 = tile + work - vocab_size * hidden_size * dtype_bytes(dtype)
+        block = min(vocab_size, ACCUMULATE_BLOCK)
+        pass2 = rows * block * (dtype_bytes(dtype) + 4 * (2 if options.softcap else 1)) + block * hidden_size * (4 + dtype_bytes(dtype))
+        dh32 = n_tokens * hidden_size * 4
+        return max(pass1, pass2 + dh32, dh32 + hidden_grad)
