@@ -79,44 +79,6 @@ def _malloc_for_memory_measurement() -> None:
     libc.malloc_trim(0)
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class _PeakMemory:
-    """Peak bytes allocated during a block, over the level at its start."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = _proc_status_kib("VmRSS") * 1024
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.peak = _proc_status_kib("VmHWM") * 1024 - self.base
-
-
 def _inputs(tokens, vocab, hidden, dtype, device):
     """The seeded inputs every contender gets: hidden states, a [V, D] weight, Zipf-distributed
     targets (token id = frequency rank, as the adaptive softmax expects) and their unigram counts."""
@@ -230,7 +192,9 @@ class _Contender:
         self._clear_grads()
         if self.device.type == "cpu":
             _malloc_for_memory_measurement()
-        with _PeakMemory(self.device) as mem:
+        from llmtrain.memory_measure import PeakGrowth
+
+        with PeakGrowth(self.device) as mem:
             self.step()
         return {"peak_bytes": mem.peak}
 

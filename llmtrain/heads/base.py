@@ -94,5 +94,10 @@ def check_head_inputs(hidden: torch.Tensor, targets: torch.Tensor | None, hidden
         raise ValueError(f"targets must be [{hidden.shape[0]}], got {list(targets.shape)}")
 
 
+def check_k(k: int, vocab_size: int) -> None:
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"k must be in [1, {vocab_size}], got {k}")
+
+
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()

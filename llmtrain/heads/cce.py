@@ -26,11 +26,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from pydantic import Field
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, dtype_bytes
+from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOutput, check_head_inputs, check_k, dtype_bytes
+from llmtrain.heads.softmax import SoftmaxOptions
 
 # Bytes of the logit tile per chunk when chunk_size is automatic: big enough for full-speed
 # matmuls (at V = 65,536: 256 tokens in fp32, 512 in bf16), small next to eager's N × V logits.
@@ -470,11 +471,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=IGN
         label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size, filter_eps=filter_eps)[0]
 
 
-class CCEOptions(HeadOptions):
-    bias: bool = Field(False, description="add a learned bias to the logits")
-    softcap: float | None = Field(None, gt=0, description="cap logits as c·tanh(logits/c) (Gemma 2 uses 30)")
-    z_loss: float = Field(0.0, ge=0, description="PaLM auxiliary penalty z_loss·logsumexp(logits)² per token")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
+class CCEOptions(SoftmaxOptions):
     chunk_size: int | None = Field(None, ge=1, description="tokens per logit tile (default: a ~64 MiB tile)")
     filter_eps: float | None = Field(
         None, gt=0, lt=1, description="skip gradient blocks whose probabilities are all below this (inexact)")
@@ -523,8 +520,7 @@ class CCEHead(Head):
     @torch.no_grad()
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         check_head_inputs(hidden, None, self.hidden_size)
-        if not 1 <= k <= self.vocab_size:
-            raise ValueError(f"k must be in [1, {self.vocab_size}], got {k}")
+        check_k(k, self.vocab_size)
         out = torch.empty(hidden.shape[0], k, dtype=torch.long, device=hidden.device)
         for start, scores in self._score_chunks(hidden):
             out[start:start + scores.shape[0]] = scores.topk(k, dim=1).indices

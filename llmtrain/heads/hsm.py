@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from llmtrain.errors import UserError
-from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, dtype_bytes
+from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes
 from llmtrain.heads.hsm_clusters import default_clusters, frequency_clusters, table_from_rows, table_problem
 
 # Elements of one [rows, V] score block when eval/generation scores the whole vocabulary.
@@ -244,8 +244,7 @@ class HsmHead(Head):
     @torch.no_grad()
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         check_head_inputs(hidden, None, self.hidden_size)
-        if not 1 <= k <= self.vocab_size:
-            raise ValueError(f"k must be in [1, {self.vocab_size}], got {k}")
+        check_k(k, self.vocab_size)
         parts = [self.row_token[self._row_logprobs(h).topk(k, dim=1).indices] for h in self._row_blocks(hidden)]
         return torch.cat(parts) if parts else hidden.new_zeros(0, k, dtype=torch.long)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, dtype_bytes
+from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes
 
 # Rows per chunk when eval/generation asks for scores: bounds eval memory at chunk × V.
 EVAL_CHUNK = 1024
@@ -66,6 +66,7 @@ class SoftmaxHead(Head):
     @torch.no_grad()
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         check_head_inputs(hidden, None, self.hidden_size)
+        check_k(k, self.vocab_size)
         parts = [self.logits(h).topk(k, dim=-1).indices for h in hidden.split(EVAL_CHUNK)]
         return torch.cat(parts) if parts else hidden.new_zeros(0, k, dtype=torch.long)
 

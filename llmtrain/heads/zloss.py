@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, dtype_bytes
+from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes
 
 # Rows of W per pass when accumulating Q and writing ∇W; bounds the fp32 working copy at
 # VOCAB_CHUNK × D. Eval chunks scores at EVAL_CHUNK tokens × VOCAB_CHUNK vocabulary.
@@ -258,8 +258,7 @@ class ZLossHead(Head):
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         """Exact top-k of the fp32 scores (their order is z's: μ and σ are per token)."""
         check_head_inputs(hidden, None, self.hidden_size)
-        if not 1 <= k <= self.vocab_size:
-            raise ValueError(f"k must be between 1 and the vocabulary size {self.vocab_size}, got {k}")
+        check_k(k, self.vocab_size)
         best_val = torch.full((hidden.shape[0], k), -math.inf, device=hidden.device)
         best_idx = torch.zeros(hidden.shape[0], k, dtype=torch.long, device=hidden.device)
         for t0 in range(0, hidden.shape[0], EVAL_CHUNK):
