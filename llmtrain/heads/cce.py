@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOutput, check_head_inputs, check_k, dtype_bytes
-from llmtrain.heads.softmax import SoftmaxOptions
+from llmtrain.heads.base import IGNORE_INDEX, HeadOutput, check_head_inputs, check_k, dtype_bytes
+from llmtrain.heads.softmax import SoftmaxHead, SoftmaxOptions
 
 # Bytes of the logit tile per chunk when chunk_size is automatic: big enough for full-speed
 # matmuls (at V = 65,536: 256 tokens in fp32, 512 in bf16), small next to eager's N × V logits.
@@ -477,18 +477,12 @@ class CCEOptions(SoftmaxOptions):
         None, gt=0, lt=1, description="skip gradient blocks whose probabilities are all below this (inexact)")
 
 
-class CCEHead(Head):
-    """The softmax head's model and options, trained without materializing the logits."""
+class CCEHead(SoftmaxHead):
+    """The softmax head's model, parameters and options, trained without materializing the
+    logits; evaluation and sampling go chunk by chunk too. Checkpoints move between the two."""
 
     name = "cce"
     Options = CCEOptions
-    supports_tying = True
-
-    def __init__(self, options: CCEOptions, hidden_size: int, vocab_size: int):
-        super().__init__(options, hidden_size, vocab_size)
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
-        self.bias = nn.Parameter(torch.zeros(vocab_size)) if options.bias else None
-        nn.init.normal_(self.weight, std=0.02)  # as the softmax head: a recipe can swap them
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> HeadOutput:
         check_head_inputs(hidden, targets, self.hidden_size)
