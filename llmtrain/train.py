@@ -145,6 +145,7 @@ class Worker:
         self.token_bytes = token_bytes(self.data.tokenizer_path).to(self.device)
         self.sampler = ResumableSampler(len(self.train_blocks), r.train.micro_batch, self.rank, self.world, r.train.seed)
         self.step, self.tokens_seen = 0, 0
+        self.train_seconds = 0.0  # wall time inside training steps: compares heads at equal time
         # A distinct stream per rank for anything random during training (dropout, sampling).
         seed_all(r.train.seed * 1000 + 17 + self.rank)
         if resume is not None:
@@ -157,7 +158,8 @@ class Worker:
         tag = tag_for(self.step)
         states = [None] * self.world
         dist.all_gather_object(states, rng_state())
-        client = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
+        client = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                  "sampler": self.sampler.state_dict(),
                   "rng": states, "world_size": self.world, "universal_checkpoint_info": {}}
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
         dist.barrier()
@@ -177,6 +179,7 @@ class Worker:
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {tag_dir}")
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
+        self.train_seconds = client.get("train_seconds", 0.0)
         self.sampler.load_state_dict(client["sampler"])
         if client.get("world_size") == self.world:
             set_rng_state(client["rng"][self.rank])
@@ -234,7 +237,9 @@ class Worker:
         window_start, window_tokens = time.perf_counter(), 0
         peak_bytes(reset=True)
         while self.step < end:
+            step_start = time.perf_counter()
             loss = self._train_step(lr_at(self.step, r.train))
+            self.train_seconds += time.perf_counter() - step_start
             self.step += 1
             self.tokens_seen += global_tokens
             window_tokens += global_tokens
@@ -243,14 +248,14 @@ class Worker:
                 dist.all_reduce(loss)
                 now = time.perf_counter()
                 record = {"step": self.step, "loss": loss.item() / self.world, "lr": lr_at(self.step - 1, r.train),
-                          "tokens_seen": self.tokens_seen,
+                          "tokens_seen": self.tokens_seen, "train_s": round(self.train_seconds, 3),
                           "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                           "peak_mem_bytes": self._peak_memory()}
                 if sink:
                     sink.log(record)
                 window_start, window_tokens = time.perf_counter(), 0
             if self.step % r.eval.every == 0 or self.step == r.train.steps:
-                record = {"step": self.step, **self.evaluate()}
+                record = {"step": self.step, "train_s": round(self.train_seconds, 3), **self.evaluate()}
                 if sink:
                     sink.log(record)
                 window_start = time.perf_counter()  # tokens/s measures training, not eval

@@ -57,7 +57,9 @@ def test_trains_checkpoints_and_evaluates(recipe, tmp_path, stage):
     recs = records(run)
     assert [r["step"] for r in recs] == list(range(1, 9))
     for r in recs:
-        assert {"step", "loss", "lr", "tokens_seen", "tokens_per_s", "peak_mem_bytes"} <= r.keys()
+        assert {"step", "loss", "lr", "tokens_seen", "train_s", "tokens_per_s", "peak_mem_bytes"} <= r.keys()
+    train_s = [r["train_s"] for r in recs]
+    assert 0 < train_s[0] and all(a < b for a, b in zip(train_s, train_s[1:]))
     assert recs[-1]["tokens_seen"] == 8 * 2 * 2 * 32
     assert recs[-1]["loss"] < recs[0]["loss"]
     evals = records(run, "val_loss")
@@ -80,6 +82,8 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(recipe, tmp_path):
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     llmtrain("run", recipe, "--out", split, "--resume", "auto", "checkpoint.every=100")
     assert losses(split) == losses(straight)  # exact float equality, every step 1..8
+    train_s = [r["train_s"] for r in records(split)]  # carried over the resume, not restarted
+    assert all(a < b for a, b in zip(train_s, train_s[1:]))
 
 
 def test_sigterm_saves_then_resume_finishes(recipe, tmp_path):
