@@ -64,6 +64,8 @@ def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.T
             raise UserError(f"{tag_dir}: no mp_rank_*_model_states.pt file")
         module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said explicitly, DeepSpeed skips its detection warning
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per parameter group

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from llmtrain.data import KNOWN_EOS_TOKENS
 from llmtrain.model import LanguageModel, ffn_size
 from llmtrain.recipe import Recipe
 
@@ -81,7 +82,7 @@ def llama_state_dict(model: LanguageModel) -> dict[str, torch.Tensor]:
             o + "mlp.gate_proj.weight": gate, o + "mlp.up_proj.weight": up,
             o + "mlp.down_proj.weight": sd[b + "ffn.down.weight"],
         })
-    if not model.body.embed.weight is model.head.weight:
+    if model.body.embed.weight is not model.head.weight:
         out["lm_head.weight"] = sd["head.weight"]
     return {k: v.clone().contiguous().float() for k, v in out.items()}
 
@@ -92,7 +93,7 @@ def write_hf_folder(model: LanguageModel, recipe: Recipe, tokenizer_path: Path, 
 
     folder.mkdir(parents=True)
     tok = Tokenizer.from_file(str(tokenizer_path))
-    eos_token = next((t for t in ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>") if tok.token_to_id(t) is not None), None)
+    eos_token = next((t for t in KNOWN_EOS_TOKENS if tok.token_to_id(t) is not None), None)
     eos_id = tok.token_to_id(eos_token) if eos_token else None
     config = llama_config(recipe, model.head.vocab_size, eos_id)
     (folder / "config.json").write_text(json.dumps(config, indent=1))
