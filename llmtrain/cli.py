@@ -211,6 +211,7 @@ def launch_slurm(
     if submit and not shutil.which("sbatch"):
         raise UserError("--submit: sbatch is not on PATH; run this on a SLURM login node, or write the script and copy it there")
     script.parent.mkdir(parents=True, exist_ok=True)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)  # SLURM opens the job's log there at start
     script.write_text(text)
     script.chmod(0o755)
     err.print(f"wrote {script}")
