@@ -160,13 +160,15 @@ def _note_batch_change(meta: dict, recipe) -> None:
 def checkpoint_universal(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="run folder, its checkpoints/ folder, or one checkpoint"),
 ):
-    """Convert the newest complete checkpoint of RUN_DIR to a DeepSpeed universal checkpoint,
-    loadable on any number of ranks (`llmtrain run` does this itself when --resume sees another
-    world size). Writes checkpoints/universal/stepNNNNNNNN/ beside it; the original is kept."""
-    from llmtrain.checkpoint import resolve_resume
+    """Convert a checkpoint to a DeepSpeed universal one, loadable on any number of ranks.
+
+    Takes the newest complete checkpoint of RUN_DIR (`llmtrain run --resume` does this itself when
+    it sees another world size) and writes checkpoints/universal/stepNNNNNNNN/ beside it; the
+    original is kept."""
+    from llmtrain.export import find_checkpoint
     from llmtrain.universal import convert
 
-    tag_dir = resolve_resume(str(run_dir), run_dir)
+    tag_dir = find_checkpoint(run_dir)
     out = convert(tag_dir, log=err.print)
     print(out)
 
@@ -186,8 +188,10 @@ def launch_slurm(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the script; write and submit nothing"),
     submit: bool = typer.Option(False, "--submit", help="write the script and submit it with sbatch"),
 ):
-    """Write the sbatch script that trains RECIPE on NODES × GPUS-PER-NODE ranks, one srun task
-    per GPU, preemption-safe (saves on USR1/TERM, requeues itself, resumes)."""
+    """Write the sbatch script for a recipe: one srun task per GPU, preemption-safe.
+
+    The job trains RECIPE on NODES × GPUS-PER-NODE ranks, saves on USR1 (before the time limit) or
+    TERM (preemption, scancel), requeues itself and resumes. See launch/README.md."""
     import shutil
     import subprocess
 
@@ -228,9 +232,11 @@ def export(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="run folder (or one of its checkpoints)"),
     out: Path = typer.Option(..., "--out", "-o", help="new folder for the export (must not exist or be empty)"),
 ):
-    """Consolidate the newest complete checkpoint to model.safetensors (fp32, through DeepSpeed's
-    zero_to_fp32), with tokenizer.json and the resolved recipe; for the softmax and cce heads also
-    a Hugging Face Llama folder (hf/) that transformers' LlamaForCausalLM loads."""
+    """Export a run's weights (safetensors), tokenizer and recipe; a Hugging Face Llama folder too.
+
+    Consolidates the newest complete checkpoint (DeepSpeed's zero_to_fp32, fp32 weights) into
+    model.safetensors with tokenizer.json and the resolved recipe; for the softmax and cce heads
+    also hf/, which transformers' LlamaForCausalLM loads with the same logits."""
     from llmtrain.export import export_run
 
     written = export_run(run_dir, out, log=err.print)
