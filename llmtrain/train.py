@@ -29,9 +29,9 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 import torch.distributed as dist
 import yaml
 
-from llmtrain.checkpoint import META, prune, read_meta, resolve_resume, tag_for, write_meta
-from llmtrain.errors import UserError
+from llmtrain.checkpoint import META, prune, resolve_resume, tag_for, write_meta
 from llmtrain.data import PreparedData, ResumableSampler, load_split, token_bytes
+from llmtrain.errors import UserError
 from llmtrain.memory import memory_source, peak_bytes
 from llmtrain.memory_measure import oom_snapshot
 from llmtrain.model import LanguageModel, count_parameters
@@ -202,7 +202,7 @@ class Worker:
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.sampler.load_state_dict(client["sampler"])
         # RNG streams are per rank: on another world size they cannot be matched, so they stay
-        # freshly seeded (nothing in training draws from them today; sampling in eval does not).
+        # freshly seeded. The model has no dropout, so no training step draws from them today.
         if client.get("world_size") == self.world:
             set_rng_state(client["rng"][self.rank])
 
