@@ -20,13 +20,21 @@ app = typer.Typer(
     "  llmtrain run recipes/tiny.yaml\n\n"
     "  llmtrain run recipes/tiny.yaml train.steps=200 deepspeed.zero_stage=3 --out runs/z3\n\n"
     "  llmtrain run recipes/tiny.yaml --out runs/z3 --resume auto\n\n"
-    "  llmtrain recipe check recipes/tiny.yaml head.type=cce",
+    "  llmtrain recipe check recipes/tiny.yaml head.type=cce\n\n"
+    "  llmtrain run recipes/tiny.yaml --hostfile hosts --launcher pdsh\n\n"
+    "  llmtrain launch slurm recipes/tiny.yaml --nodes 4 --gpus-per-node 8 --time 4:00:00 --dry-run\n\n"
+    "  llmtrain export runs/tiny --out exported/tiny\n\n"
+    "  llmtrain generate runs/tiny --prompt 'def main(' --max-new-tokens 40",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+checkpoint_app = typer.Typer(help="Work with checkpoints.", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
+launch_app = typer.Typer(help="Cluster launch material (see launch/README.md).", no_args_is_help=True)
+app.add_typer(launch_app, name="launch")
 err = Console(stderr=True)
 
 OVERRIDES = typer.Argument(None, help="dotted key=value overrides, e.g. train.steps=200 head.type=cce", show_default=False)
@@ -54,18 +62,29 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder [default: runs/<name>-<time>]"),
     resume: Optional[str] = typer.Option(None, help="'auto' (newest complete checkpoint in --out, if any) or a checkpoint/run folder"),
     stop_after: Optional[int] = typer.Option(None, min=1, help="run this many steps of the schedule, save and exit"),
+    hostfile: Optional[Path] = typer.Option(None, help="multi-node: DeepSpeed hostfile ('HOST slots=N' per line); "
+                                            "sets launch.nodes and launch.ranks_per_node"),
+    launcher: Optional[str] = typer.Option(None, help="with --hostfile: DeepSpeed's multi-node launcher, one of "
+                                           "pdsh (default), openmpi, mpich, impi, mvapich, slurm"),
+    deepspeed_args: str = typer.Option("", help="with --hostfile: more options for DeepSpeed's launcher, quoted, "
+                                       "e.g. '--include node1 --ssh_port 2222'"),
+    prepare_only: bool = typer.Option(False, help="prepare data, the run folder and (on a new world size) the universal "
+                                      "checkpoint, then exit; launch/slurm.sbatch runs this before srun"),
 ):
     """Train: prepare data, launch one worker per rank, checkpoint, evaluate.
 
-    Stop any time with Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved, and the run
-    continues with --resume auto.
+    Stop any time with Ctrl-C, SIGTERM or SIGUSR1: the step finishes, a checkpoint is saved, and
+    the run continues with --resume auto, on the same or another number of ranks (another world
+    size goes through a DeepSpeed universal checkpoint, converted automatically).
     """
     from llmtrain.checkpoint import check_compatible, read_meta, resolve_resume
     from llmtrain.data import prepare_data
-    from llmtrain.launch import local_command, run_launcher, worker_args
+    from llmtrain.launch import hostfile_command, local_command, run_launcher, worker_args
     from llmtrain.recipe import load_recipe
+    from llmtrain.universal import checkpoint_to_load
 
     recipe = load_recipe(recipe_path, overrides or [])
+    launcher_cmd_args = _multinode_options(recipe, hostfile, launcher, deepspeed_args)
     out = out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoint = resolve_resume(resume, out)
     if resume is None and out.exists() and any(out.iterdir()):
@@ -75,20 +94,172 @@ def run(
     if checkpoint is not None:
         meta = read_meta(checkpoint)
         check_compatible(meta, recipe.identity(), prep.tokenizer_hash, checkpoint)
-        if meta["world_size"] != recipe.world_size:
-            raise UserError(f"--resume {checkpoint}: saved with {meta['world_size']} ranks, this run has "
-                            f"{recipe.world_size} (launch.ranks_per_node × launch.nodes); resume on the same world size")
-        err.print(f"resuming from {checkpoint} (step {meta['step']})")
+        _note_batch_change(meta, recipe)
+        checkpoint = checkpoint_to_load(checkpoint, recipe.world_size, recipe.deepspeed.zero_stage,
+                                        may_convert=True, log=err.print)
+        err.print(f"resuming from {checkpoint} (step {meta['step']}, saved by {meta['world_size']} ranks)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     (out / "data.json").write_text(prep.to_json())
-    cmd = local_command(recipe, worker_args(out, checkpoint, stop_after))
+    if prepare_only:
+        err.print(f"prepared {out} for {recipe.world_size} ranks")
+        raise typer.Exit(0)
+    args = worker_args(out, checkpoint, stop_after)
+    cmd = hostfile_command(recipe, hostfile, *launcher_cmd_args, args) if hostfile else local_command(recipe, args)
     code = run_launcher(cmd, recipe.launch.ranks_per_node)
     status_file = out / "status.yaml"
     if code != 0 and not status_file.exists():
         err.print(f"[bold red]training failed[/] (launcher exit code {code}); see the output above. Run folder: {out}")
         raise typer.Exit(1)
     raise typer.Exit(0)
+
+
+def _multinode_options(recipe, hostfile: Path | None, launcher: str | None, deepspeed_args: str):
+    """Check --hostfile/--launcher/--deepspeed-args; the hostfile sets the recipe's node layout."""
+    import shlex
+
+    from llmtrain.hostfile import read_hostfile
+    from llmtrain.launch import MULTINODE_LAUNCHERS
+
+    if hostfile is None:
+        if launcher or deepspeed_args:
+            raise UserError("--launcher and --deepspeed-args need --hostfile (one line 'HOST slots=N' per node)")
+        return None
+    launcher = launcher or "pdsh"
+    if launcher not in MULTINODE_LAUNCHERS:
+        raise UserError(f"--launcher {launcher!r}: choose one of {', '.join(MULTINODE_LAUNCHERS)}")
+    if recipe.launch.launcher != "deepspeed":
+        raise UserError("--hostfile: multi-node runs go through DeepSpeed's launcher; set launch.launcher=deepspeed")
+    hosts = read_hostfile(hostfile)
+    slots = {h.slots for h in hosts}
+    if len(slots) > 1:
+        raise UserError(f"--hostfile {hostfile}: every host needs the same slots (ranks per node); found "
+                        + ", ".join(f"{h.name}={h.slots}" for h in hosts))
+    recipe.launch.nodes, recipe.launch.ranks_per_node = len(hosts), slots.pop()
+    try:
+        extra = shlex.split(deepspeed_args)
+    except ValueError as e:
+        raise UserError(f"--deepspeed-args: {e}") from None
+    return launcher, extra
+
+
+def _note_batch_change(meta: dict, recipe) -> None:
+    """The data position is global, so another world size continues at the same place; the
+    trajectory matches only if the global batch is kept."""
+    saved = meta["recipe"]["train"]
+    before = saved["micro_batch"] * saved["grad_accum"] * meta["world_size"]
+    now = recipe.train.micro_batch * recipe.train.grad_accum * recipe.world_size
+    if before != now:
+        err.print(f"[yellow]note[/]: the global batch changes from {before} to {now} sequences per step "
+                  "(train.micro_batch × train.grad_accum × ranks); training continues at the same data "
+                  "position, but not on the same trajectory")
+
+
+@checkpoint_app.command("universal")
+@user_errors
+def checkpoint_universal(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="run folder, its checkpoints/ folder, or one checkpoint"),
+):
+    """Convert a checkpoint to a DeepSpeed universal one, loadable on any number of ranks.
+
+    Takes the newest complete checkpoint of RUN_DIR (`llmtrain run --resume` does this itself when
+    it sees another world size) and writes checkpoints/universal/stepNNNNNNNN/ beside it; the
+    original is kept."""
+    from llmtrain.export import find_checkpoint
+    from llmtrain.universal import convert
+
+    tag_dir = find_checkpoint(run_dir)
+    out = convert(tag_dir, log=err.print)
+    print(out)
+
+
+@launch_app.command("slurm")
+@user_errors
+def launch_slurm(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="recipe YAML file"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    nodes: int = typer.Option(..., min=1, help="nodes to allocate"),
+    gpus_per_node: int = typer.Option(..., min=1, help="GPUs per node: one srun task (rank) each"),
+    partition: Optional[str] = typer.Option(None, help="SLURM partition"),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="SLURM time limit, e.g. 4:00:00"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder the job trains into [default: runs/<name>]"),
+    script: Optional[Path] = typer.Option(None, help="where to write the script [default: <run folder>.sbatch]"),
+    cpus_per_task: Optional[int] = typer.Option(None, min=1, help="CPU cores per rank (also OMP_NUM_THREADS)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the script; write and submit nothing"),
+    submit: bool = typer.Option(False, "--submit", help="write the script and submit it with sbatch"),
+):
+    """Write the sbatch script for a recipe: one srun task per GPU, preemption-safe.
+
+    The job trains RECIPE on NODES × GPUS-PER-NODE ranks, saves on USR1 (before the time limit) or
+    TERM (preemption, scancel), requeues itself and resumes. See launch/README.md."""
+    import shutil
+    import subprocess
+
+    from llmtrain.recipe import load_recipe
+    from llmtrain.slurm_script import render
+
+    if dry_run and submit:
+        raise UserError("--dry-run and --submit: choose one")
+    layout = [f"launch.nodes={nodes}", f"launch.ranks_per_node={gpus_per_node}"]
+    recipe = load_recipe(recipe_path, [*(overrides or []), *layout])  # every recipe problem now, not in the queue
+    out = out or Path("runs") / recipe.name
+    text = render(recipe=recipe_path, overrides=list(overrides or []), run_dir=out, nodes=nodes,
+                  gpus_per_node=gpus_per_node, job_name=recipe.name, python=sys.executable, partition=partition,
+                  time_limit=time_limit, cpus_per_task=cpus_per_task)
+    if dry_run:
+        sys.stdout.write(text)
+        return
+    script = script or out.parent / f"{out.name}.sbatch"
+    if script.exists():
+        raise UserError(f"--script {script}: the file exists; remove it or pass another --script (nothing was written)")
+    if submit and not shutil.which("sbatch"):
+        raise UserError("--submit: sbatch is not on PATH; run this on a SLURM login node, or write the script and copy it there")
+    script.parent.mkdir(parents=True, exist_ok=True)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)  # SLURM opens the job's log there at start
+    script.write_text(text)
+    script.chmod(0o755)
+    err.print(f"wrote {script}")
+    if submit:
+        proc = subprocess.run(["sbatch", str(script)], text=True, capture_output=True)
+        sys.stdout.write(proc.stdout)
+        if proc.returncode != 0:
+            raise UserError(f"sbatch {script} failed: {proc.stderr.strip()}")
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="run folder (or one of its checkpoints)"),
+    out: Path = typer.Option(..., "--out", "-o", help="new folder for the export (must not exist or be empty)"),
+):
+    """Export a run's weights (safetensors), tokenizer and recipe; a Hugging Face Llama folder too.
+
+    Consolidates the newest complete checkpoint (DeepSpeed's zero_to_fp32, fp32 weights) into
+    model.safetensors with tokenizer.json and the resolved recipe; for the softmax and cce heads
+    also hf/, which transformers' LlamaForCausalLM loads with the same logits."""
+    from llmtrain.export import export_run
+
+    written = export_run(run_dir, out, log=err.print)
+    err.print(f"[green]exported[/] {', '.join(written)} to {out}")
+
+
+@app.command()
+@user_errors
+def generate(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="run folder (or one of its checkpoints)"),
+    prompt: str = typer.Option(..., help="text to continue"),
+    checkpoint: Optional[Path] = typer.Option(None, help="a checkpoint folder [default: the newest complete one]"),
+    max_new_tokens: int = typer.Option(64, min=1, help="tokens to generate"),
+    temperature: str = typer.Option("1.0", help="sampling temperature (0 = greedy), or 'auto' for a head with a temperature network"),
+    top_k: Optional[int] = typer.Option(None, min=1, help="sample among the k best tokens only"),
+    seed: int = typer.Option(0, help="seed of the sampler"),
+):
+    """Continue PROMPT with the run's model, sampling through its head."""
+    from llmtrain.generate import generate_text, parse_temperature
+
+    text = generate_text(checkpoint or run_dir, prompt, max_new_tokens=max_new_tokens,
+                         temperature=parse_temperature(temperature), top_k=top_k, seed=seed)
+    sys.stdout.write(text + "\n")
 
 
 @recipe_app.command("check")

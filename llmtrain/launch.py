@@ -47,6 +47,24 @@ def local_command(recipe: Recipe, args: list[str]) -> list[str]:
             "--master_port", port, "--module", WORKER_MODULE, *args]
 
 
+# DeepSpeed's multi-node launchers; `slurm` runs `srun` from inside an allocation (salloc/sbatch).
+MULTINODE_LAUNCHERS = ("pdsh", "openmpi", "mpich", "impi", "mvapich", "slurm")
+
+
+def hostfile_command(recipe: Recipe, hostfile: Path, launcher: str, launcher_args: list[str],
+                     args: list[str]) -> list[str]:
+    """Every host of a DeepSpeed hostfile, through DeepSpeed's multi-node launcher. Options after
+    `--` on the llmtrain command line (`--include`, `--master_addr`, `--ssh_port`, ...) pass through."""
+    port = str(recipe.launch.master_port or 29500)  # every node must agree: no free-port probing here
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "warning", "--hostfile", str(hostfile),
+           "--master_port", port, "--launcher", launcher, *launcher_args]
+    if launcher == "slurm":
+        # DeepSpeed's srun line runs a script (it has no --module) and sets no RANK/WORLD_SIZE:
+        # the worker maps SLURM's variables itself.
+        return cmd + [str(Path(__file__).with_name("train.py")), *args, "--slurm"]
+    return cmd + ["--module", WORKER_MODULE, *args]
+
+
 def worker_env(ranks_per_node: int) -> dict[str, str]:
     env = dict(os.environ)
     # Ranks share the machine's cores: without this each rank starts one thread per core and
@@ -91,9 +109,13 @@ def _workers(pid: int) -> list[psutil.Process]:
     found = []
     for child in children:
         with contextlib.suppress(psutil.Error):
-            if WORKER_MODULE in " ".join(child.cmdline()):
+            if _is_worker(child.cmdline()):
                 found.append(child)
     return found
+
+
+def _is_worker(cmdline: list[str]) -> bool:
+    return any(part == WORKER_MODULE or part.endswith("llmtrain/train.py") for part in cmdline)
 
 
 def _wait_group_gone(pgid: int) -> None:

@@ -4,6 +4,8 @@ It reads everything from the run folder the CLI prepared (recipe.resolved.yaml, 
 the model and the DeepSpeed engine, and trains: LR as a pure function of the step, evaluation,
 checkpoints with every rank's RNG state and the sampler position, and a clean stop on
 SIGTERM/SIGINT/SIGUSR1 (finish the step, save, exit 0).
+
+Under `srun` (`--slurm`) it maps SLURM's task variables to the ones torch.distributed reads.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 import torch.distributed as dist
 import yaml
 
-from llmtrain.checkpoint import META, prune, tag_for, write_meta
+from llmtrain.checkpoint import META, prune, resolve_resume, tag_for, write_meta
 from llmtrain.data import PreparedData, ResumableSampler, load_split, token_bytes
+from llmtrain.errors import UserError
 from llmtrain.memory import memory_source, peak_bytes
 from llmtrain.memory_measure import oom_snapshot
 from llmtrain.model import LanguageModel, count_parameters
 from llmtrain.recipe import Recipe, TrainConfig
+from llmtrain.slurm_env import rank_env
+from llmtrain.universal import checkpoint_to_load, is_universal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -45,7 +50,7 @@ def lr_at(step: int, t: TrainConfig) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
+def deepspeed_config(recipe: Recipe, world_size: int, load_universal: bool = False) -> dict:
     t, d = recipe.train, recipe.deepspeed
     zero: dict = {"stage": d.zero_stage}
     if d.offload_optimizer != "none":
@@ -66,6 +71,8 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     return _merge(config, d.config)
 
 
@@ -118,7 +125,7 @@ class StopFlag:
 
 
 class Worker:
-    def __init__(self, run_dir: Path, resume: Path | None, stop_after: int | None):
+    def __init__(self, run_dir: Path, resume: str | None, stop_after: int | None, slurm: bool = False):
         import deepspeed
 
         self.run_dir = run_dir
@@ -127,9 +134,16 @@ class Worker:
         self.stop_after = stop_after
         self.stop = StopFlag()
 
+        r = self.recipe
+        if slurm:
+            os.environ.update(rank_env(os.environ, r.launch.master_port))
+            if int(os.environ["WORLD_SIZE"]) != r.world_size:
+                raise UserError(f"SLURM_NTASKS={os.environ['WORLD_SIZE']} but the recipe has launch.nodes × "
+                                f"launch.ranks_per_node = {r.world_size}; submit with matching --nodes and "
+                                "--ntasks-per-node (llmtrain launch slurm writes both)")
         deepspeed.init_distributed(verbose=False)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        r = self.recipe
+        checkpoint = self._resolve_checkpoint(resume)
         self.device = torch.device(deepspeed.get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
         torch.manual_seed(r.train.seed)  # identical initial weights on every rank
@@ -138,7 +152,7 @@ class Worker:
         self.n_params = count_parameters(model)
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, r.train.weight_decay),
-            config=deepspeed_config(r, self.world),
+            config=deepspeed_config(r, self.world, load_universal=checkpoint is not None and is_universal(checkpoint)),
         )
         self.train_blocks = load_split(self.data.train_path)
         self.val_blocks = load_split(self.data.val_path)
@@ -148,10 +162,19 @@ class Worker:
         self.train_seconds = 0.0  # wall time inside training steps: compares heads at equal time
         # A distinct stream per rank for anything random during training (dropout, sampling).
         seed_all(r.train.seed * 1000 + 17 + self.rank)
-        if resume is not None:
-            self._load(resume)
+        if checkpoint is not None:
+            self._load(checkpoint)
 
     # ------------------------------------------------------------------ checkpoints
+
+    def _resolve_checkpoint(self, resume: str | None) -> Path | None:
+        """`--resume auto` (srun starts workers directly, without the CLI) or a folder; its universal
+        copy when this world size or ZeRO stage differs from the saved one. Only the CLI (or the
+        preparing step of launch/slurm.sbatch) converts: every rank must load the same folder."""
+        tag_dir = resolve_resume(resume, self.run_dir)
+        if tag_dir is None:
+            return None
+        return checkpoint_to_load(tag_dir, self.world, self.recipe.deepspeed.zero_stage, may_convert=False)
 
     def _save(self) -> Path:
         ckpt_dir = self.run_dir / "checkpoints"
@@ -181,6 +204,8 @@ class Worker:
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.train_seconds = client.get("train_seconds", 0.0)
         self.sampler.load_state_dict(client["sampler"])
+        # RNG streams are per rank: on another world size they cannot be matched, so they stay
+        # freshly seeded. The model has no dropout, so no training step draws from them today.
         if client.get("world_size") == self.world:
             set_rng_state(client["rng"][self.rank])
 
@@ -312,11 +337,16 @@ def seed_all(seed: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmtrain.train", description="llmtrain worker (started by `llmtrain run`)")
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--resume", type=Path, default=None, help="checkpoint folder to continue from")
+    parser.add_argument("--resume", default=None, help="checkpoint folder to continue from, or 'auto'")
     parser.add_argument("--stop-after", type=int, default=None)
+    parser.add_argument("--slurm", action="store_true", help="started by srun: map SLURM_* to RANK, WORLD_SIZE, ...")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
     args = parser.parse_args(argv)
-    worker = Worker(args.run_dir, args.resume, args.stop_after)
+    try:
+        worker = Worker(args.run_dir, args.resume, args.stop_after, slurm=args.slurm)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return UserError.exit_code
     with oom_snapshot(worker.run_dir, worker.rank):  # CUDA: dump allocator history on OOM
         code = worker.train()
     dist.barrier()

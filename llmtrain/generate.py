@@ -1,0 +1,82 @@
+"""`llmtrain generate`: continue a prompt with a run's model, sampling through its head.
+
+The head owns sampling (`head.sample(hidden, temperature=..., generator=...)`): the zloss head
+samples from its calibrated softmax(β·z), hsm draws a cluster then a token. `--temperature auto`
+is handed to the head as the string "auto", for heads with a temperature network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmtrain.errors import UserError
+from llmtrain.export import load_run
+from llmtrain.model import LanguageModel
+
+Temperature = float | str
+
+
+def parse_temperature(text: str) -> Temperature:
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise UserError(f"--temperature {text!r}: a number ≥ 0 (0 = greedy) or 'auto'")
+    return value
+
+
+@torch.no_grad()
+def next_tokens(model: LanguageModel, ids: torch.Tensor, temperature: Temperature, top_k: int | None,
+                generator: torch.Generator) -> torch.Tensor:
+    """[B] next token ids after `ids` [B, T] (the last seq_len tokens are the context)."""
+    hidden = model.body(ids[:, -model.body.rope_cos.shape[0]:])[:, -1]
+    head = model.head
+    if temperature == 0:
+        return head.topk(hidden, 1)[:, 0]
+    if top_k is None:
+        try:
+            return head.sample(hidden, temperature=temperature, generator=generator)
+        except (ValueError, TypeError) as e:
+            if temperature == "auto":
+                raise UserError(f"--temperature auto: the {head.name} head has no temperature network ({e}); "
+                                "pass a number") from None
+            raise
+    if temperature == "auto":
+        raise UserError("--top-k with --temperature auto: the head's temperature network samples over the whole "
+                        "vocabulary; drop --top-k or pass a numeric temperature")
+    # Top-k: the head's exact k best tokens, re-drawn by their own (log-)probabilities.
+    k = min(top_k, head.vocab_size)
+    candidates = head.topk(hidden, k)  # [B, k]
+    logprobs = _scorer(head)(hidden.repeat_interleave(k, 0), candidates.flatten()).view(-1, k)
+    pick = torch.multinomial(torch.softmax(logprobs.double() / temperature, 1), 1, generator=generator)
+    return candidates.gather(1, pick).squeeze(1)
+
+
+def _scorer(head):
+    if head.is_distribution:
+        return head.token_logprobs
+    calibrated = getattr(head, "calibrated_token_logprobs", None)
+    if calibrated is None:
+        raise UserError(f"--top-k: the {head.name} head gives no token scores to re-draw the top k by")
+    return calibrated
+
+
+def generate_text(target: Path, prompt: str, *, max_new_tokens: int, temperature: Temperature = 1.0,
+                  top_k: int | None = None, seed: int = 0) -> str:
+    from llmtrain.data import load_tokenizer
+
+    run = load_run(target)
+    tok = load_tokenizer(run.tokenizer_path)
+    ids = tok.encode(prompt).ids
+    if not ids:
+        raise UserError("--prompt: encodes to no tokens; give some text")
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.tensor([ids], dtype=torch.long)
+    for _ in range(max_new_tokens):
+        tokens = torch.cat([tokens, next_tokens(run.model, tokens, temperature, top_k, generator)[:, None]], 1)
+    return tok.decode(tokens[0].tolist())
