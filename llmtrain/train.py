@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 import torch.distributed as dist
 import yaml
 
-from llmtrain.checkpoint import META, prune, resolve_resume, tag_for, write_meta
+from llmtrain.checkpoint import prune, resolve_resume, tag_for, write_meta
 from llmtrain.data import PreparedData, ResumableSampler, load_split, token_bytes
 from llmtrain.errors import UserError
 from llmtrain.memory import memory_source, peak_bytes

@@ -6,8 +6,49 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+MICRO_STEPS = 8
+
+
+def checkout_env() -> dict:
+    """The environment of subprocesses: they import llmtrain from this checkout, not from
+    wherever the package is installed."""
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": pythonpath, "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """recipes/tiny.yaml shrunk for end-to-end tests: 2 layers, d_model 32, vocabulary 512,
+    MICRO_STEPS steps on ~200 KB of the standard library, with a data cache per test module."""
+    base = tmp_path_factory.mktemp("e2e")
+    body = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    body["model"].update(layers=2, d_model=32, n_heads=2, seq_len=32)
+    body["data"].update(max_bytes=200_000, cache_dir=str(base / "cache"))
+    body["tokenizer"].update(vocab_size=512, train_bytes=100_000)
+    body["train"].update(steps=MICRO_STEPS, micro_batch=2, warmup_steps=2, log_every=1, lr=1e-2)
+    body["checkpoint"].update(every=4, keep_last=3)
+    body["eval"].update(every=4, batches=2)
+    path = base / "micro.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def llmtrain(*args, timeout=300, check=True) -> subprocess.CompletedProcess:
+    """`llmtrain ARGS` in a subprocess; a non-zero exit fails the test unless check=False."""
+    proc = subprocess.run([sys.executable, "-m", "llmtrain.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=checkout_env())
+    if check and proc.returncode != 0:
+        pytest.fail(f"llmtrain {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def records(run: Path, key="loss") -> list[dict]:
+    """The metrics.jsonl records of a run that have `key`."""
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
 def free_port() -> int:
@@ -22,9 +63,7 @@ def run_head_distributed(spec: dict, stage: int, steps: int = 6, ranks: int = 2,
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
            f"--master_port={free_port()}", str(TESTS / "distributed_head_run.py"),
            json.dumps(spec), str(stage), str(steps)] + (["tie"] if tie else [])
-    # the ranks import llmtrain from this checkout, not from wherever the package is installed
-    pythonpath = os.pathsep.join(p for p in (str(TESTS.parent), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
+    env = {**checkout_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if proc.returncode != 0:
         pytest.fail(f"distributed run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

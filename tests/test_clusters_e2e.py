@@ -3,8 +3,6 @@
 another world size through universal checkpoints (ZeRO-2 and ZeRO-3), export and generate."""
 
 import json
-import math
-import os
 import signal
 import subprocess
 import sys
@@ -15,45 +13,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import free_port
+from conftest import MICRO_STEPS, ROOT, checkout_env, free_port, llmtrain, records
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).parent.parent
-STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    """The e2e fixture's tiny recipe (2 layers, d_model 32, vocab 512, 8 steps)."""
-    base = tmp_path_factory.mktemp("clusters")
-    body = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
-    body["model"].update(layers=2, d_model=32, n_heads=2, seq_len=32)
-    body["data"].update(max_bytes=200_000, cache_dir=str(base / "cache"))
-    body["tokenizer"].update(vocab_size=512, train_bytes=100_000)
-    body["train"].update(steps=STEPS, micro_batch=2, warmup_steps=2, log_every=1, lr=1e-2)
-    body["checkpoint"].update(every=4, keep_last=3)
-    body["eval"].update(every=4, batches=2)
-    path = base / "micro.yaml"
-    path.write_text(yaml.safe_dump(body))
-    return path
-
-
-def env():
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": pythonpath, "DS_ACCELERATOR": "cpu"}
-
-
-def llmtrain(*args, timeout=300, check=True):
-    proc = subprocess.run([sys.executable, "-m", "llmtrain.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env())
-    if check and proc.returncode != 0:
-        pytest.fail(f"llmtrain {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def records(run: Path, key="loss"):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+STEPS = MICRO_STEPS
 
 
 def by_step(run: Path, key="loss"):
@@ -192,7 +156,7 @@ def slurm_workers(run: Path, n: int, job: str):
     """`n` single-rank "nodes" as srun would start them: only SLURM's variables, no RANK."""
     procs = []
     for rank in range(n):
-        task_env = {k: v for k, v in env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        task_env = {k: v for k, v in checkout_env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
         task_env.update(SLURM_PROCID=str(rank), SLURM_LOCALID="0", SLURM_NTASKS=str(n), SLURM_JOB_NODELIST="127.0.0.1",
                         SLURM_JOB_ID=job, OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, "-m", "llmtrain.train", str(run), "--resume", "auto", "--slurm"],
@@ -236,7 +200,7 @@ def test_two_slurm_nodes_stop_on_sigusr1_and_resume_auto(recipe, tmp_path):
 def test_slurm_worker_without_slurm_variables_is_a_clear_error(recipe, tmp_path):
     run = tmp_path / "noslurm"
     llmtrain("run", recipe, "--out", run, "--prepare-only")
-    task_env = {k: v for k, v in env().items() if not k.startswith("SLURM_")}
+    task_env = {k: v for k, v in checkout_env().items() if not k.startswith("SLURM_")}
     task_env["SLURM_PROCID"] = "0"
     proc = subprocess.run([sys.executable, "-m", "llmtrain.train", str(run), "--slurm"], cwd=ROOT, env=task_env,
                           capture_output=True, text=True, timeout=120)

@@ -1,7 +1,6 @@
 """Export and generate without DeepSpeed: the Llama mapping against transformers' own model,
 state-dict round trips for every head, sampling through the head, and the errors."""
 
-import json
 
 import pytest
 import torch

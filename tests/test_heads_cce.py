@@ -4,7 +4,6 @@ Tolerance in the style of Apple's cut-cross-entropy tests: our error against the
 may exceed eager's own error in the same dtype by at most `tol`, scaled by the size of the
 values where they exceed 1 (a sum over tokens of fp32 losses carries fp32's relative rounding)."""
 
-import itertools
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The body against independent references: shapes, causality, RoPE, tying."""
 
 import torch
-import torch.nn.functional as F
 
 from llmtrain.model import LanguageModel, RMSNorm, apply_rope, count_parameters, rope_tables
 from llmtrain.recipe import ModelConfig

@@ -2,7 +2,6 @@
 exact resume, stop signals, partial checkpoints, refused resumes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,38 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ROOT, llmtrain, records
+
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    """A tiny recipe on ~200 KB of the standard library, with a shared data cache."""
-    base = tmp_path_factory.mktemp("e2e")
-    body = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
-    body["model"].update(layers=2, d_model=32, n_heads=2, seq_len=32)
-    body["data"].update(max_bytes=200_000, cache_dir=str(base / "cache"))
-    body["tokenizer"].update(vocab_size=512, train_bytes=100_000)
-    body["train"].update(steps=8, micro_batch=2, warmup_steps=2, log_every=1, lr=1e-2)
-    body["checkpoint"].update(every=4, keep_last=3)
-    body["eval"].update(every=4, batches=2)
-    path = base / "micro.yaml"
-    path.write_text(yaml.safe_dump(body))
-    return path
-
-
-def llmtrain(*args, timeout=300, check=True):
-    proc = subprocess.run([sys.executable, "-m", "llmtrain.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
-    if check and proc.returncode != 0:
-        pytest.fail(f"llmtrain {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def records(run: Path, key="loss"):
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if key in r]
 
 
 def losses(run: Path):

@@ -28,7 +28,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from llmtrain.heads.base import IGNORE_INDEX, HeadOutput, check_head_inputs, check_k, dtype_bytes
 from llmtrain.heads.softmax import SoftmaxHead, SoftmaxOptions
@@ -114,7 +113,7 @@ def _chunked_loss_and_grads(h, weight, bias, targets, *, chunk_size, token_weigh
 
     With ``token_weight`` [n] (d total / d loss_n) also the gradients (dh, dW, db) of
     Σ token_weight·loss, in the dtypes of h, weight and bias (None where not needed)."""
-    n, vocab = h.shape[0], weight.shape[0]
+    n = h.shape[0]
     out = (torch.empty(n, dtype=torch.float32, device=h.device), torch.empty(n, dtype=torch.float32, device=h.device))
     pass_ = _low_precision_pass if _low_precision(h.dtype) else _full_precision_pass
     grads = pass_(h, weight, bias, targets, max(1, min(n, chunk_size)), token_weight, *out, **kw)
