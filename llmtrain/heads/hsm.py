@@ -232,7 +232,7 @@ class HsmHead(Head):
         n_keep = max(kept.numel(), 1)
         loss = ((tau * cluster_nll).sum() + (tau[kept] * within).sum()) / n_keep
         loss = loss + dro_shift(tau, keep, self.temperature.rho, self.vocab_size)
-        tempered = cluster_nll.detach().clone().index_add_(0, kept, within.detach())
+        tempered = cluster_nll.detach().clone().index_add_(0, kept, within.detach().to(cluster_nll.dtype))
         return HeadOutput(loss=loss, metrics=tau_metrics(tau, keep, tempered))
 
     def predict_temperature(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ class TemperatureNet(nn.Module):
 
     def forward(self, scores: torch.Tensor | None = None, *, hidden: torch.Tensor | None = None,
                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """τ [N] float32. Give either ``scores`` [N, F], or ``hidden`` [N, D] with the head's
+        """τ [N] (float32, or float64 for a float64 network). Give either ``scores`` [N, F], or ``hidden`` [N, D] with the head's
         ``weight`` [F, D] (and ``bias`` [F]) whose product are the scores. Inputs are detached:
         the network learns τ, it does not push the scores."""
         dtype = self.first.weight.dtype
@@ -75,7 +75,8 @@ class TemperatureNet(nn.Module):
         p = self.second(self.dropout(torch.sigmoid(z)))
         attention = torch.softmax(p / self.log_scale.exp(), dim=1)
         g = self.pool((attention - 1.0 / self.width) * p).squeeze(1)
-        return (self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(g)).float()
+        tau = self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(g)
+        return tau.to(torch.promote_types(tau.dtype, torch.float32))  # 16-bit nets: τ in fp32
 
     def _first_layer_of_linear(self, hidden, weight, bias):
         """first(o/‖o‖) for o = weight·h + bias, from [w, D] and [D, D] products only."""
