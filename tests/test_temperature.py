@@ -272,6 +272,7 @@ def test_recipe_refuses_what_the_network_cannot_serve():
     assert "head.bias" in msg and "head.softcap" in msg and "2 problems" in msg
     assert "init_from" in recipe_errors(temperature={**on, "mode": "frozen_body"})
     assert "tau_min" in recipe_errors(temperature={**on, "tau_min": 3.0, "tau_max": 2.0})
+    assert "ZeRO-3" in recipe_errors(temperature=on, deepspeed={"zero_stage": 3})
     assert recipe_errors(head={"type": "hsm"}, temperature=on) == ""
     assert recipe_errors(head={"type": "zloss"}, temperature={"enabled": False}) == ""
     tiny = validate_recipe(yaml.safe_load((ROOT / "recipes" / "tiny-tempnet.yaml").read_text()))
