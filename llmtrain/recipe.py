@@ -226,10 +226,6 @@ def validate_recipe(raw: dict[str, Any], overrides: Sequence[str] = (), source: 
     head, temperature = raw.get("head") or {}, raw.get("temperature") or {}
     if isinstance(head, dict) and isinstance(temperature, dict) and temperature.get("enabled") is True and not head_errors:
         errors += temperature_problems(head.get("type", "softmax"), head)
-    if recipe is not None and recipe.temperature.enabled and recipe.deepspeed.zero_stage == 3:
-        errors.append("temperature.enabled: the temperature network is tested under ZeRO stages 0–2 only (under "
-                      "ZeRO-3 its first layer's backward would read the head's partitioned weight); use "
-                      "deepspeed.zero_stage 2")
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise UserError(f"{source}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n{lines}")
