@@ -297,6 +297,9 @@ class Worker:
                           "tokens_seen": self.tokens_seen,
                           "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                           "peak_mem_bytes": self._peak_memory(), **self._reduce_metrics(head_metrics)}
+                if r.temperature.enabled:  # read back from the optimizer: the LR the network trains at
+                    record["lr_temperature"] = next(g["lr"] for g in self.engine.optimizer.param_groups
+                                                    if g.get("lr_kind") == "temperature")
                 if sink:
                     sink.log(record)
                 window_start, window_tokens = time.perf_counter(), 0

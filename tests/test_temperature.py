@@ -308,7 +308,7 @@ def test_zero2_joint_run_then_frozen_body_leaves_body_and_head_unchanged(tmp_pat
     body["train"].update(steps=4, micro_batch=2, warmup_steps=1, log_every=1, lr=1e-2)
     body["checkpoint"].update(every=4)
     body["eval"].update(every=4, batches=2)
-    body["temperature"].update(width=16, lr=1e-2, tau_min=0.6, tau_max=4.0)
+    body["temperature"].update(width=16, lr=2e-3, tau_min=0.6, tau_max=4.0)
     recipe = tmp_path / "micro.yaml"
     recipe.write_text(yaml.safe_dump(body))
 
@@ -323,6 +323,7 @@ def test_zero2_joint_run_then_frozen_body_leaves_body_and_head_unchanged(tmp_pat
     assert len(steps) == 4
     for r in steps:
         assert 0.6 <= r["tau_min"] <= r["tau_mean"] <= r["tau_max"] <= 4.0
+        assert r["lr_temperature"] == 2e-3 and r["lr"] != 2e-3  # its own constant LR
     (ev,) = [r for r in joint if "val_loss" in r]
     assert ev["val_ppl"] == pytest.approx(math.exp(ev["val_loss"]), rel=1e-6)
     assert ev["val_ppl_tau"] == pytest.approx(math.exp(ev["val_loss_tau"]), rel=1e-6)
