@@ -90,6 +90,10 @@ def run(
         raise UserError(f"--out {out}: the folder holds an earlier run; continue it with --resume auto, "
                         "or choose another --out (nothing was changed)")
     prep = prepare_data(recipe.data, recipe.tokenizer, recipe.model.seq_len, log=err.print)
+    if checkpoint is None and recipe.temperature.enabled and recipe.temperature.mode == "frozen_body":
+        from llmtrain.init_from import resolve_init_from
+
+        recipe.temperature.init_from = str(resolve_init_from(recipe, prep.tokenizer_hash))
     if checkpoint is not None:
         meta = read_meta(checkpoint)
         check_compatible(meta, recipe.identity(), prep.tokenizer_hash, checkpoint)

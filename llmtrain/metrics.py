@@ -78,6 +78,11 @@ def _summary(r: dict[str, Any]) -> str:
                      ("lr", "lr {:.2e}"), ("tokens_per_s", "{:,.0f} tok/s")):
         if key in r:
             parts.append(fmt.format(r[key]))
+    for prefix in ("", "val_"):  # the temperature network's τ: mean [min, max]
+        if f"{prefix}tau_mean" in r:
+            parts.append(f"τ {r[prefix + 'tau_mean']:.2f} [{r[prefix + 'tau_min']:.2f}, {r[prefix + 'tau_max']:.2f}]")
+    if "val_ppl_tau" in r:
+        parts.append(f"ppl@τ {r['val_ppl_tau']:.2f}")
     if "peak_mem_bytes" in r:
         parts.append(f"mem {format_bytes(r['peak_mem_bytes'])}")
     return "  ".join(parts)

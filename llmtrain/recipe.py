@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from llmtrain.errors import UserError
 from llmtrain.heads import HEADS, head_class, parse_head_options
+from llmtrain.heads.temperature import temperature_problems
 
 
 class Section(BaseModel):
@@ -123,6 +124,44 @@ class HeadSection(BaseModel):
     type: str = Field("softmax", description="output head: softmax | hsm | zloss | cce")
 
 
+class TemperatureConfig(Section):
+    """TempNet (Qiu et al. 2024): per-token temperatures learned by the KL-constrained DRO loss
+    τ·CE(o/τ, y) + τ·(ρ − log V). Defaults are the authors' GPT-2 setting."""
+
+    enabled: bool = Field(False, description="train the temperature network with the head (softmax, cce or hsm)")
+    tau_min: float = Field(0.5, gt=0, description="smallest temperature the network can predict (authors' GPT-2: 0.5)")
+    tau_max: float = Field(5.0, gt=0, description="largest temperature (authors' GPT-2: 5; LLaMA: [0.01, 2])")
+    rho: float = Field(8.0, ge=0, description="KL budget ρ: τ drives the tempered entropy towards log V − ρ (authors' GPT-2: 8)")
+    width: int = Field(256, ge=1, description="hidden width of the network (authors: 256)")
+    dropout: float = Field(0.5, ge=0, lt=1, description="dropout after the first layer (authors' code: 0.5)")
+    lr: float = Field(2e-6, gt=0, description="the network's own learning rate (authors' GPT-2: constant 2e-6)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant, or cosine: follow train.* warm-up and decay scaled to lr")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the network's matrices")
+    mode: Literal["joint", "frozen_body"] = Field(
+        "joint", description="joint: train everything; frozen_body: train only the network on top of init_from "
+        "(the authors' LLaMA-2 setting)")
+    init_from: str | None = Field(
+        None, description="frozen_body: the run folder, its checkpoints/ folder or a checkpoints/stepNNNNNNNN folder "
+        "whose body and head weights are loaded (module weights only) and kept fixed")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.tau_min >= self.tau_max:
+            raise ValueError(f"tau_min ({self.tau_min}) must be below tau_max ({self.tau_max})")
+        if self.enabled and self.mode == "frozen_body" and not self.init_from:
+            raise ValueError("mode frozen_body needs temperature.init_from: the run or checkpoint to train on top of")
+        if self.init_from and self.mode != "frozen_body":
+            raise ValueError("init_from is used by mode frozen_body only; set temperature.mode=frozen_body or drop it")
+        return self
+
+    def identity(self) -> dict[str, Any] | None:
+        """What changes the trained model (not lr, init_from): None when disabled."""
+        if not self.enabled:
+            return None
+        return self.model_dump(include={"tau_min", "tau_max", "rho", "width", "dropout", "mode"})
+
+
 class Recipe(Section):
     name: str | None = Field(None, description="run name (default: the recipe file's name)")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -134,6 +173,7 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    temperature: TemperatureConfig = Field(default_factory=TemperatureConfig)
 
     @property
     def world_size(self) -> int:
@@ -143,8 +183,12 @@ class Recipe(Section):
         return self.head.model_dump()
 
     def identity(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed: the model, the head and the tokenizer."""
-        return {"model": self.model.model_dump(), "head": self.head_spec(), "tokenizer": self.tokenizer.model_dump()}
+        """What a checkpoint must match to be resumed: the model, the head (with its temperature
+        network, when enabled) and the tokenizer."""
+        head = self.head_spec()
+        if self.temperature.enabled:
+            head["temperature"] = self.temperature.identity()
+        return {"model": self.model.model_dump(), "head": head, "tokenizer": self.tokenizer.model_dump()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -177,7 +221,11 @@ def validate_recipe(raw: dict[str, Any], overrides: Sequence[str] = (), source: 
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         errors += [_describe(err, Recipe) for err in e.errors()]
-    errors += _head_errors(raw.get("head") or {}, raw.get("model") or {})
+    head_errors = _head_errors(raw.get("head") or {}, raw.get("model") or {})
+    errors += head_errors
+    head, temperature = raw.get("head") or {}, raw.get("temperature") or {}
+    if isinstance(head, dict) and isinstance(temperature, dict) and temperature.get("enabled") is True and not head_errors:
+        errors += temperature_problems(head.get("type", "softmax"), head)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise UserError(f"{source}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n{lines}")

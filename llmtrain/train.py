@@ -32,6 +32,8 @@ import yaml
 from llmtrain.checkpoint import prune, resolve_resume, tag_for, write_meta
 from llmtrain.data import PreparedData, ResumableSampler, load_split, token_bytes
 from llmtrain.errors import UserError
+from llmtrain.heads.temperature import attach_temperature
+from llmtrain.init_from import load_module_weights, resolve_init_from
 from llmtrain.memory import memory_source, peak_bytes
 from llmtrain.memory_measure import oom_snapshot
 from llmtrain.model import LanguageModel, count_parameters
@@ -83,15 +85,28 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only (not norms, biases); a tied weight appears once."""
-    decay, no_decay, seen = [], [], set()
+def param_groups(model: torch.nn.Module, weight_decay: float, network_weight_decay: float = 0.0) -> list[dict]:
+    """Decay matrices only (not norms, biases); a tied weight appears once; frozen weights are left
+    out. The temperature network's parameters form their own groups (tagged "temperature": their
+    own learning rate); empty groups are dropped."""
+    net = getattr(getattr(model, "head", None), "temperature", None)
+    in_net = {id(p) for p in net.parameters()} if net is not None else set()
+    groups = {(kind, decays): [] for kind in ("model", "temperature") for decays in (True, False)}
+    seen = set()
     for p in model.parameters():
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups["temperature" if id(p) in in_net else "model", p.dim() >= 2].append(p)
+    decay = {"model": weight_decay, "temperature": network_weight_decay}
+    return [{"params": params, "weight_decay": decay[kind] if decays else 0.0, "lr_kind": kind}
+            for (kind, decays), params in groups.items() if params]
+
+
+def temperature_lr_at(step: int, recipe: Recipe) -> float:
+    """The temperature network's LR: constant, or the body's schedule scaled to its own peak."""
+    t = recipe.temperature
+    return t.lr if t.lr_schedule == "constant" else t.lr * lr_at(step, recipe.train) / recipe.train.lr
 
 
 def rng_state() -> dict:
@@ -149,9 +164,11 @@ class Worker:
         torch.manual_seed(r.train.seed)  # identical initial weights on every rank
         model = LanguageModel(r.model, r.head_spec(), self.data.vocab_size)
         model.head.prepare(torch.from_numpy(np.load(self.data.counts_path)))
+        if r.temperature.enabled:
+            self._add_temperature(model, resume)
         self.n_params = count_parameters(model)
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, r.train.weight_decay),
+            model=model, model_parameters=param_groups(model, r.train.weight_decay, r.temperature.weight_decay),
             config=deepspeed_config(r, self.world, load_universal=checkpoint is not None and is_universal(checkpoint)),
         )
         self.train_blocks = load_split(self.data.train_path)
@@ -164,6 +181,22 @@ class Worker:
         seed_all(r.train.seed * 1000 + 17 + self.rank)
         if checkpoint is not None:
             self._load(checkpoint)
+
+    def _add_temperature(self, model: LanguageModel, resume: Path | None) -> None:
+        """Attach the network after the body and head are initialized, so they get the same
+        weights with and without it. frozen_body: load the body and head from init_from (not on
+        resume: the run's checkpoint holds them) and train the network only."""
+        t = self.recipe.temperature
+        attach_temperature(model.head, width=t.width, tau_min=t.tau_min, tau_max=t.tau_max, rho=t.rho,
+                           dropout=t.dropout)
+        if t.mode != "frozen_body":
+            return
+        if resume is None:
+            load_module_weights(model, resolve_init_from(self.recipe, self.data.tokenizer_hash))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in model.head.temperature.parameters():
+            p.requires_grad_(True)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -225,7 +258,11 @@ class Worker:
         head = model.head
         mb, batches = self.recipe.train.micro_batch, self.recipe.eval.batches
         n_val = len(self.val_blocks)
+        tempered = head.temperature is not None
         sums = torch.zeros(6, dtype=torch.float64)  # nll, bytes, tokens, top1, top5, top10
+        tau_sums = torch.zeros(2, dtype=torch.float64)  # Σ τ, tempered nll
+        tau_range = torch.full((2,), math.inf, dtype=torch.float64)  # min τ and −max τ: one MIN reduction
+        model.eval()  # the temperature network's dropout; the body has none
         for b in range(batches):
             start = ((b * self.world + self.rank) * mb) % max(1, n_val - mb + 1)
             block = self.val_blocks[start:start + mb].to(self.device)
@@ -235,15 +272,28 @@ class Worker:
                 top = head.topk(hidden, 10)
                 if head.is_distribution:
                     sums[0] -= head.token_logprobs(hidden, targets).double().sum().cpu()
+                if tempered:  # perplexity above is at τ = 1, as the paper's; here the tempered one
+                    tau = head.predict_temperature(hidden)
+                    tau_sums[0] += tau.double().sum().cpu()
+                    tau_sums[1] -= head.tempered_token_logprobs(hidden, targets, tau).double().sum().cpu()
+                    tau_range = torch.minimum(tau_range, torch.stack([tau.min(), -tau.max()]).double().cpu())
             hits = (top == targets[:, None]).cumsum(1)
             sums[1] += self.token_bytes[targets].sum().cpu()
             sums[2] += targets.numel()
             sums[3:] += torch.stack([hits[:, k - 1].sum() for k in (1, 5, 10)]).double().cpu()
+        model.train()
         dist.all_reduce(sums)
         nll, nbytes, ntok = sums[0].item(), sums[1].item(), sums[2].item()
         out = {f"val_top{k}": sums[3 + i].item() / ntok for i, k in enumerate((1, 5, 10))}
         if head.is_distribution:
             out.update(val_loss=nll / ntok, val_ppl=math.exp(min(nll / ntok, 700)), val_bpb=nll / (math.log(2) * nbytes))
+        if tempered:
+            dist.all_reduce(tau_sums)
+            dist.all_reduce(tau_range, op=dist.ReduceOp.MIN)
+            tempered_nll = tau_sums[1].item() / ntok
+            out.update(val_tau_mean=tau_sums[0].item() / ntok, val_tau_min=tau_range[0].item(),
+                       val_tau_max=-tau_range[1].item(), val_loss_tau=tempered_nll,
+                       val_ppl_tau=math.exp(min(tempered_nll, 700)))
         return out
 
     # ------------------------------------------------------------------ training
@@ -254,7 +304,8 @@ class Worker:
         r = self.recipe
         sink = MetricsSink(self.run_dir, r.train.steps, self.step) if self.rank == 0 else None
         if sink and self.step == 0:
-            sink.message(f"[bold]{r.name}[/]: {self.n_params / 1e6:.2f}M parameters, head {r.head.type}, "
+            network = f" + temperature network ({r.temperature.mode})" if r.temperature.enabled else ""
+            sink.message(f"[bold]{r.name}[/]: {self.n_params / 1e6:.2f}M parameters, head {r.head.type}{network}, "
                          f"ZeRO-{r.deepspeed.zero_stage}, {self.world} ranks, {r.train.precision}")
         global_tokens = r.train.micro_batch * r.train.grad_accum * self.world * r.model.seq_len
         end = r.train.steps if self.stop_after is None else min(r.train.steps, self.step + self.stop_after)
@@ -263,7 +314,7 @@ class Worker:
         peak_bytes(reset=True)
         while self.step < end:
             step_start = time.perf_counter()
-            loss = self._train_step(lr_at(self.step, r.train))
+            loss, head_metrics = self._train_step(lr_at(self.step, r.train), temperature_lr_at(self.step, r))
             self.train_seconds += time.perf_counter() - step_start
             self.step += 1
             self.tokens_seen += global_tokens
@@ -275,7 +326,10 @@ class Worker:
                 record = {"step": self.step, "loss": loss.item() / self.world, "lr": lr_at(self.step - 1, r.train),
                           "tokens_seen": self.tokens_seen, "train_s": round(self.train_seconds, 3),
                           "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                          "peak_mem_bytes": self._peak_memory()}
+                          "peak_mem_bytes": self._peak_memory(), **self._reduce_metrics(head_metrics)}
+                if r.temperature.enabled:  # read back from the optimizer: the LR the network trains at
+                    record["lr_temperature"] = next(g["lr"] for g in self.engine.optimizer.param_groups
+                                                    if g.get("lr_kind") == "temperature")
                 if sink:
                     sink.log(record)
                 window_start, window_tokens = time.perf_counter(), 0
@@ -299,10 +353,11 @@ class Worker:
             self._report(reason, last_saved)
         return 0
 
-    def _train_step(self, lr: float) -> torch.Tensor:
+    def _train_step(self, lr: float, temperature_lr: float) -> tuple[torch.Tensor, dict[str, list[float]]]:
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = temperature_lr if group.get("lr_kind") == "temperature" else lr
         total = torch.zeros(())
+        metrics: dict[str, list[float]] = {}
         accum = self.recipe.train.grad_accum
         for _ in range(accum):
             block = self.train_blocks[self.sampler.next_indices()].to(self.device)
@@ -310,7 +365,25 @@ class Worker:
             self.engine.backward(out.loss)
             self.engine.step()
             total += out.loss.detach().float().cpu()
-        return total / accum
+            for key, value in out.metrics.items():
+                metrics.setdefault(key, []).append(value)
+        return total / accum, metrics
+
+    def _reduce_metrics(self, metrics: dict[str, list[float]]) -> dict[str, float]:
+        """The head's metrics of one step over micro-steps and ranks: *_min by min, *_max by max,
+        the rest by mean. Every rank has the same keys (the same head)."""
+        out = {}
+        for key in sorted(metrics):
+            values = torch.tensor(metrics[key], dtype=torch.float64)
+            if key.endswith("_min"):
+                value, op = values.min(), dist.ReduceOp.MIN
+            elif key.endswith("_max"):
+                value, op = values.max(), dist.ReduceOp.MAX
+            else:
+                value, op = values.mean() / self.world, dist.ReduceOp.SUM
+            dist.all_reduce(value, op=op)
+            out[key] = value.item()
+        return out
 
     def _peak_memory(self) -> int:
         """Largest per-rank peak since the last record."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from llmtrain.heads import build_head
+from llmtrain.heads.temperature import attach_temperature
 from llmtrain.train import exit_skipping_finalizers
 
 VOCAB, HIDDEN, TOKENS_PER_RANK = 512, 32, 64
@@ -23,7 +24,11 @@ class TinyLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, HIDDEN)
         self.mix = nn.Linear(HIDDEN, HIDDEN)
+        spec = dict(spec)
+        temperature = spec.pop("temperature", None)  # {"width": ..., ...}: TempNet options
         self.head = build_head(spec, hidden_size=HIDDEN, vocab_size=VOCAB)
+        if temperature is not None:
+            attach_temperature(self.head, **temperature)
         if tie:
             self.embed.weight = self.head.weight
 

@@ -41,12 +41,21 @@ class Head(nn.Module, abc.ABC):
     is_distribution: ClassVar[bool] = True
     # True when the head has one [V, D] `weight` that the embedding may share (tie_embeddings).
     supports_tying: ClassVar[bool] = False
+    # True when the head can train with the TempNet add-on (heads/temperature.py).
+    supports_temperature: ClassVar[bool] = False
 
     def __init__(self, options: HeadOptions, hidden_size: int, vocab_size: int):
         super().__init__()
         self.options = options
         self.hidden_size = hidden_size
         self.vocab_size = vocab_size
+        # The TempNet submodule, set by heads.temperature.attach_temperature; None: plain head.
+        self.temperature: nn.Module | None = None
+
+    @property
+    def temperature_features(self) -> int:
+        """Width of the scores the temperature network reads (the full vocabulary by default)."""
+        return self.vocab_size
 
     @abc.abstractmethod
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> HeadOutput:
@@ -62,9 +71,34 @@ class Head(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def sample(
-        self, hidden: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+        self, hidden: torch.Tensor, temperature: float | str = 1.0, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """[N] int64 token ids drawn from the head's distribution at ``temperature``."""
+        """[N] int64 token ids drawn from the head's distribution at ``temperature``: a number > 0,
+        or "auto" for each token's temperature predicted by the temperature network (heads
+        without one raise ValueError)."""
+
+    def predict_temperature(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N] float32 temperatures from the head's temperature network (dropout off)."""
+        from llmtrain.heads.temperature import NO_NETWORK
+
+        raise ValueError(NO_NETWORK)
+
+    def sampling_temperature(self, hidden: torch.Tensor, temperature: float | str) -> float | torch.Tensor:
+        """``temperature`` checked: a float, or for "auto" the predicted [N] temperatures."""
+        from llmtrain.heads.temperature import AUTO, NO_NETWORK, check_temperature
+
+        if check_temperature(temperature) != AUTO:
+            return float(temperature)
+        if self.temperature is None:
+            raise ValueError(NO_NETWORK)
+        return self.predict_temperature(hidden)
+
+    @torch.no_grad()
+    def tempered_token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """[N] log p_τ(target) under the tempered distribution the DRO loss trains: the head's
+        distribution of h/τ, which is softmax(o/τ) where the scores are linear without bias.
+        Heads with a bias or softcap override it."""
+        return self.token_logprobs(hidden / tau.to(hidden.dtype)[:, None], targets)
 
     @classmethod
     @abc.abstractmethod

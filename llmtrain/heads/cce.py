@@ -31,6 +31,7 @@ from pydantic import Field
 
 from llmtrain.heads.base import IGNORE_INDEX, HeadOutput, check_head_inputs, check_k, dtype_bytes
 from llmtrain.heads.softmax import SoftmaxHead, SoftmaxOptions
+from llmtrain.heads.temperature import dro_shift, tau_metrics
 
 # Bytes of the logit tile per chunk when chunk_size is automatic: big enough for full-speed
 # matmuls (at V = 65,536: 256 tokens in fp32, 512 in bf16), small next to eager's N × V logits.
@@ -470,6 +471,57 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=IGN
         label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size, filter_eps=filter_eps)[0]
 
 
+class _WeightedLinearCrossEntropy(torch.autograd.Function):
+    """Σ_n w_n·CE_n over kept tokens, gradients computed during the forward as in the scalar
+    reductions above (the per-token weights go where the uniform 1/n goes there); the gradient
+    in w_n is CE_n itself."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, token_weight, targets, ignore_index, chunk_size, want_grads):
+        keep = targets != ignore_index
+        kept = keep.nonzero().squeeze(1)
+        h, t, w = hidden.index_select(0, kept), targets.index_select(0, kept), token_weight.index_select(0, kept)
+        need = ctx.needs_input_grad
+        losses, _, grads = _chunked_loss_and_grads(
+            h, weight, None, t, chunk_size=chunk_size, token_weight=w.detach().float() if want_grads else None,
+            softcap=None, label_smoothing=0.0, z_loss=0.0, filter_eps=None,
+            need_weight_grad=need[1], need_bias_grad=False)
+        per_token = losses.new_zeros(targets.shape[0]).index_copy_(0, kept, losses)
+        ctx.kept, ctx.grads, ctx.n_total = kept, grads, targets.shape[0]
+        ctx.save_for_backward(per_token)
+        ctx.mark_non_differentiable(per_token)
+        total = (w.double() * losses.double()).sum().to(token_weight.dtype)
+        return total, per_token
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_per_token):
+        if ctx.grads is None:
+            raise RuntimeError("weighted_linear_cross_entropy: backward through the same loss twice is not "
+                               "supported (its gradients are computed in the forward and handed over once)")
+        (dh, dw, _), ctx.grads = ctx.grads, None
+        (per_token,) = ctx.saved_tensors
+        dh = dh.mul_(grad_total.to(dh.dtype))
+        dh = dh.new_zeros(ctx.n_total, dh.shape[1]).index_copy_(0, ctx.kept, dh)
+        dw = None if dw is None else dw.mul_(grad_total.to(dw.dtype))
+        return dh, dw, per_token * grad_total, None, None, None, None
+
+
+def weighted_linear_cross_entropy(hidden, weight, targets, token_weight, *, ignore_index=IGNORE_INDEX,
+                                  chunk_size=None):
+    """(Σ_n token_weight_n·CE_n, per-token CE [N] (0 where ignored; no gradient)), CE_n the
+    cross-entropy of ``hidden @ weight.T`` at token n, without forming the logits. Differentiable
+    in hidden [N, D], weight [V, D] and token_weight [N] (float32); no bias, softcap or smoothing.
+    The temperature network's DRO loss is this with hidden/τ and weights τ/n."""
+    _check_inputs(hidden, weight, targets, None, ignore_index, "sum", None, 0.0, 0.0, chunk_size, None)
+    if token_weight.shape != targets.shape:
+        raise ValueError(f"token_weight must have shape {list(targets.shape)}, got {list(token_weight.shape)}")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0], hidden.dtype, None)
+    want_grads = torch.is_grad_enabled() and any(x.requires_grad for x in (hidden, weight, token_weight))
+    return _WeightedLinearCrossEntropy.apply(hidden, weight, token_weight, targets.long(), ignore_index,
+                                             chunk_size, want_grads)
+
+
 class CCEOptions(SoftmaxOptions):
     chunk_size: int | None = Field(None, ge=1, description="tokens per logit tile (default: a ~64 MiB tile)")
     filter_eps: float | None = Field(
@@ -486,6 +538,8 @@ class CCEHead(SoftmaxHead):
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> HeadOutput:
         check_head_inputs(hidden, targets, self.hidden_size)
         o = self.options
+        if self.temperature is not None:
+            return self._dro_forward(hidden, targets)
         loss, lse = linear_cross_entropy_with_lse(
             hidden, self.weight, targets, bias=self.bias, softcap=o.softcap, label_smoothing=o.label_smoothing,
             z_loss=o.z_loss, chunk_size=o.chunk_size, filter_eps=o.filter_eps)
@@ -494,6 +548,23 @@ class CCEHead(SoftmaxHead):
         if o.z_loss:
             metrics["z_loss_aux"] = float(lse.double().square().sum()) / n_keep
         return HeadOutput(loss=loss, metrics=metrics)
+
+    def _dro_forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> HeadOutput:
+        """τ·CE(o/τ) + τ·(ρ − log V): with o = W·h, CE(o/τ) is the cce loss of h/τ, so neither the
+        loss nor the network's input forms the logits."""
+        tau = self.temperature(hidden=hidden, weight=self.weight)
+        keep = targets != IGNORE_INDEX
+        n_keep = keep.sum().clamp(min=1)
+        total, ce = weighted_linear_cross_entropy(hidden / tau.to(hidden.dtype)[:, None], self.weight, targets,
+                                                  tau / n_keep, chunk_size=self.options.chunk_size)
+        loss = total + dro_shift(tau, keep, self.temperature.rho, self.vocab_size)
+        return HeadOutput(loss=loss, metrics=tau_metrics(tau, keep, ce))
+
+    def predict_temperature(self, hidden: torch.Tensor) -> torch.Tensor:
+        check_head_inputs(hidden, None, self.hidden_size)
+        if self.temperature is None:
+            return super().predict_temperature(hidden)
+        return self.temperature.predict(hidden=hidden, weight=self.weight, bias=self.bias)
 
     def _score_chunks(self, hidden: torch.Tensor):
         """(start, [chunk, V] fp32 soft-capped scores): evaluation never holds N × V scores."""
@@ -522,11 +593,12 @@ class CCEHead(SoftmaxHead):
     @torch.no_grad()
     def sample(self, hidden, temperature=1.0, generator=None):
         check_head_inputs(hidden, None, self.hidden_size)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        temperature = self.sampling_temperature(hidden, temperature)
+        per_token = isinstance(temperature, torch.Tensor)
         out = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
         for start, scores in self._score_chunks(hidden):
-            probs = torch.softmax(scores.div_(temperature), 1, out=scores)
+            scale = temperature[start:start + scores.shape[0], None] if per_token else temperature
+            probs = torch.softmax(scores.div_(scale), 1, out=scores)
             out[start:start + scores.shape[0]] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         return out
 

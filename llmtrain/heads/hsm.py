@@ -23,6 +23,7 @@ from torch import nn
 
 from llmtrain.errors import UserError
 from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes
+from llmtrain.heads.temperature import dro_shift, tau_metrics
 from llmtrain.heads.hsm_clusters import default_clusters, frequency_clusters, table_from_rows, table_problem
 
 # Elements of one [rows, V] score block when eval/generation scores the whole vocabulary.
@@ -104,6 +105,7 @@ class _WithinClusterNLL(torch.autograd.Function):
 class HsmHead(Head):
     name = "hsm"
     Options = HsmOptions
+    supports_temperature = True
 
     def __init__(self, options: HsmOptions, hidden_size: int, vocab_size: int):
         super().__init__(options, hidden_size, vocab_size)
@@ -197,6 +199,8 @@ class HsmHead(Head):
         keep = targets != IGNORE_INDEX
         clusters = self.token_cluster[tokens]
         top_logits = F.linear(hidden, self.cluster_weight).float()
+        if self.temperature is not None:
+            return self._dro_forward(hidden, top_logits, tokens, clusters, keep)
         cluster_nll = F.cross_entropy(top_logits, clusters.masked_fill(~keep, IGNORE_INDEX),
                                       ignore_index=IGNORE_INDEX, reduction="sum")
         kept = keep.nonzero().squeeze(1)
@@ -207,6 +211,35 @@ class HsmHead(Head):
         within_nll = within.sum()
         metrics = {"cluster_nll": float(cluster_nll.detach()) / n_keep, "within_nll": float(within_nll.detach()) / n_keep}
         return HeadOutput(loss=(cluster_nll + within_nll) / n_keep, metrics=metrics)
+
+    @property
+    def temperature_features(self) -> int:
+        return self.n_clusters
+
+    def _dro_forward(self, hidden, top_logits, tokens, clusters, keep) -> HeadOutput:
+        """τ·ℓ(h/τ) + τ·(ρ − log V), ℓ the two-level NLL: the tempered distribution is the hsm of
+        h/τ (both levels' scores divided by τ), the network reads the cluster-level scores. The
+        derivative in τ is ρ − (log V − H(clusters) − H(within the target's cluster)): the DRO
+        signal with the entropy of the levels the token's loss touches."""
+        tau = self.temperature(top_logits)
+        cluster_nll = F.cross_entropy(top_logits / tau[:, None], clusters.masked_fill(~keep, IGNORE_INDEX),
+                                      ignore_index=IGNORE_INDEX, reduction="none")
+        kept = keep.nonzero().squeeze(1)
+        order, segments = self._group(clusters[kept])
+        kept = kept[order]
+        scaled = hidden[kept] / tau[kept].to(hidden.dtype)[:, None]
+        within = _WithinClusterNLL.apply(scaled, self.weight, self.token_position[tokens[kept]], segments)
+        n_keep = max(kept.numel(), 1)
+        loss = ((tau * cluster_nll).sum() + (tau[kept] * within).sum()) / n_keep
+        loss = loss + dro_shift(tau, keep, self.temperature.rho, self.vocab_size)
+        tempered = cluster_nll.detach().clone().index_add_(0, kept, within.detach().to(cluster_nll.dtype))
+        return HeadOutput(loss=loss, metrics=tau_metrics(tau, keep, tempered))
+
+    def predict_temperature(self, hidden: torch.Tensor) -> torch.Tensor:
+        check_head_inputs(hidden, None, self.hidden_size)
+        if self.temperature is None:
+            return super().predict_temperature(hidden)
+        return self.temperature.predict(F.linear(hidden, self.cluster_weight).float())
 
     # --- evaluation and generation ----------------------------------------------------------------
 
@@ -252,10 +285,12 @@ class HsmHead(Head):
     def sample(self, hidden, temperature=1.0, generator=None):
         """Exact draws from p(w | h)^(1/T) / Z. At T = 1 the cluster is drawn first, then the
         token within it, touching only the drawn clusters' rows; other temperatures change the
-        clusters' total masses, so they score the whole vocabulary."""
+        clusters' total masses, so they score the whole vocabulary. "auto" draws from the
+        distribution the temperature network trained: the hsm of h/τ, one τ per token."""
         check_head_inputs(hidden, None, self.hidden_size)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        temperature = self.sampling_temperature(hidden, temperature)
+        if isinstance(temperature, torch.Tensor):  # "auto": the tempered hsm the network trained, of h/τ
+            hidden, temperature = hidden / temperature.to(hidden.dtype)[:, None], 1.0
         if temperature != 1.0:
             parts = [torch.multinomial(torch.softmax(self._row_logprobs(h) / temperature, 1), 1, generator=generator)
                      for h in self._row_blocks(hidden)]

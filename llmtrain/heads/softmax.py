@@ -8,6 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes
+from llmtrain.heads.temperature import dro_loss_from_logits
 
 # Rows per chunk when eval/generation asks for scores: bounds eval memory at chunk × V.
 EVAL_CHUNK = 1024
@@ -24,6 +25,7 @@ class SoftmaxHead(Head):
     name = "softmax"
     Options = SoftmaxOptions
     supports_tying = True
+    supports_temperature = True
 
     def __init__(self, options: SoftmaxOptions, hidden_size: int, vocab_size: int):
         super().__init__(options, hidden_size, vocab_size)
@@ -41,6 +43,8 @@ class SoftmaxHead(Head):
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> HeadOutput:
         check_head_inputs(hidden, targets, self.hidden_size)
         logits = self.logits(hidden)
+        if self.temperature is not None:
+            return HeadOutput(*dro_loss_from_logits(logits, targets, self._tau(hidden, logits), self.temperature.rho))
         keep = targets != IGNORE_INDEX
         n_keep = keep.sum().clamp(min=1)
         loss = F.cross_entropy(
@@ -53,6 +57,28 @@ class SoftmaxHead(Head):
             loss = loss + self.options.z_loss * aux
             metrics["z_loss_aux"] = float(aux.detach())
         return HeadOutput(loss=loss, metrics=metrics)
+
+    def _tau(self, hidden: torch.Tensor, logits: torch.Tensor | None = None, predict: bool = False) -> torch.Tensor:
+        """The network's τ: from the factored linear scores, or from the logits under softcap."""
+        net = self.temperature.predict if predict else self.temperature
+        if self.options.softcap:
+            return net(self.logits(hidden) if logits is None else logits)
+        return net(hidden=hidden, weight=self.weight, bias=self.bias)
+
+    def predict_temperature(self, hidden: torch.Tensor) -> torch.Tensor:
+        check_head_inputs(hidden, None, self.hidden_size)
+        if self.temperature is None:
+            return super().predict_temperature(hidden)
+        parts = [self._tau(h, predict=True) for h in hidden.split(EVAL_CHUNK)]
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+    @torch.no_grad()
+    def tempered_token_logprobs(self, hidden, targets, tau):
+        out = []
+        for h, t, s in zip(hidden.split(EVAL_CHUNK), targets.split(EVAL_CHUNK), tau.split(EVAL_CHUNK)):
+            logp = torch.log_softmax(self.logits(h) / s[:, None], dim=-1)
+            out.append(logp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1))
+        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
     @torch.no_grad()
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -73,6 +99,9 @@ class SoftmaxHead(Head):
     @torch.no_grad()
     def sample(self, hidden, temperature=1.0, generator=None):
         check_head_inputs(hidden, None, self.hidden_size)
+        temperature = self.sampling_temperature(hidden, temperature)
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature[:, None]
         probs = torch.softmax(self.logits(hidden) / temperature, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 

@@ -279,8 +279,7 @@ class ZLossHead(Head):
         """Draws from softmax(β·z / temperature), β = `calibration_beta` (1 until `fit_calibration`),
         by the Gumbel-max trick chunk by chunk, so no N × V tensor is formed."""
         check_head_inputs(hidden, None, self.hidden_size)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        temperature = self.sampling_temperature(hidden, temperature)  # "auto": no network here, ValueError
         scale = float(self.calibration_beta) / temperature
         best = torch.full((hidden.shape[0],), -math.inf, device=hidden.device)
         choice = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
