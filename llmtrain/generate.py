@@ -41,10 +41,9 @@ def next_tokens(model: LanguageModel, ids: torch.Tensor, temperature: Temperatur
     if top_k is None:
         try:
             return head.sample(hidden, temperature=temperature, generator=generator)
-        except (ValueError, TypeError) as e:
+        except ValueError as e:  # heads refuse "auto" without a temperature network
             if temperature == "auto":
-                raise UserError(f"--temperature auto: the {head.name} head has no temperature network ({e}); "
-                                "pass a number") from None
+                raise UserError(f"--temperature auto: the {head.name} head says: {e}; pass a number") from None
             raise
     if temperature == "auto":
         raise UserError("--top-k with --temperature auto: the head's temperature network samples over the whole "

@@ -83,7 +83,7 @@ def test_greedy_and_top_k_sampling_follow_the_heads_distribution():
 
 def test_auto_temperature_on_a_head_without_a_temperature_network_is_a_user_error():
     _, model = tiny({"type": "softmax"})
-    with pytest.raises(UserError, match="no temperature network"):
+    with pytest.raises(UserError, match="needs the temperature network"):
         next_tokens(model, torch.zeros(1, 4, dtype=torch.long), "auto", None, torch.Generator())
     assert parse_temperature("auto") == "auto" and parse_temperature("0.7") == 0.7
     for bad in ("-1", "hot", "nan"):
