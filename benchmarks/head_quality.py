@@ -8,7 +8,7 @@ usage:
       --variant hsm head.type=hsm --variant zloss head.type=zloss --equal-time
   python benchmarks/head_quality.py recipes/tiny.yaml --variant a0.3-b30 "head.type=zloss head.a=0.3 head.b=30" ...
 
-The first variant is the reference of --equal-time. Runs are kept under --out for inspection.
+The first variant is the reference of --equal-time. Runs go under --out, which must not exist yet.
 """
 
 from __future__ import annotations
@@ -18,22 +18,25 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 METRICS = ("val_loss", "val_ppl", "val_bpb", "val_top1", "val_top5", "val_top10")
 
 
 def train(recipe: str, overrides: list[str], out: Path) -> dict:
-    """Run to completion; the final eval record plus training seconds, steps and tokens/s."""
-    if not (out / "metrics.jsonl").exists():
-        cmd = [sys.executable, "-m", "llmtrain.cli", "run", recipe, *overrides, "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    """Run to completion; the final eval record plus the command's wall time, training seconds,
+    steps and tokens/s."""
+    cmd = [sys.executable, "-m", "llmtrain.cli", "run", recipe, *overrides, "--out", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall_s = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "val_top1" in r][-1]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first window warms up
-    return {**{k: final.get(k) for k in METRICS}, "steps": final["step"], "train_s": final["train_s"],
+    return {**{k: final.get(k) for k in METRICS}, "steps": final["step"], "wall_s": wall_s, "train_s": final["train_s"],
             "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None}
 
 
@@ -41,7 +44,7 @@ def row(label: str, r: dict) -> str:
     def f(key, spec):
         return "–" if r.get(key) is None else format(r[key], spec)
 
-    return (f"| {label} | {r['steps']} | {f('train_s', '.0f')} | {f('tokens_per_s', ',.0f')} | {f('val_loss', '.3f')} | "
+    return (f"| {label} | {r['steps']} | {f('wall_s', '.0f')} | {f('train_s', '.0f')} | {f('tokens_per_s', ',.0f')} | {f('val_loss', '.3f')} | "
             f"{f('val_ppl', '.1f')} | {f('val_bpb', '.3f')} | {f('val_top1', '.3f')} | {f('val_top5', '.3f')} | "
             f"{f('val_top10', '.3f')} |")
 
@@ -70,8 +73,8 @@ def main():
                             "budget": "equal time", **r2})
             print(row(f"{label}, equal time", r2), flush=True)
 
-    print("\n| variant | steps | train s | tokens/s | val loss | val ppl | val bpb | top-1 | top-5 | top-10 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| variant | steps | wall s | train s | tokens/s | val loss | val ppl | val bpb | top-1 | top-5 | top-10 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         print(row(r["label"], r))
     if args.json:
