@@ -87,6 +87,15 @@ def test_loss_and_grads_match_float64(dtype_name, reduction, opts):
     check_against_float64(37, 203, 16, dtype_name, reduction, opts, chunk_size=8)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("opts", [{}, OPTION_SETS[-1]], ids=["plain", "all-options"])
+def test_bf16_gradients_summed_over_vocabulary_blocks(monkeypatch, reduction, opts):
+    """The 16-bit second pass sums dW block by block and dh across blocks: several blocks, the last
+    one partial (203 = 3 × 64 + 11), with chunked tokens."""
+    monkeypatch.setattr(cce, "ACCUMULATE_BLOCK", 64)
+    check_against_float64(37, 203, 16, "bf16", reduction, opts, chunk_size=8)
+
+
 @pytest.mark.parametrize("n,vocab,chunk", [(1, 2, None), (8, 64, 8), (50, 333, 7), (64, 1000, None), (5, 50, 100)])
 def test_shapes_and_chunkings(n, vocab, chunk):
     check_against_float64(n, vocab, 24, "fp32", "mean", {"z_loss": 1e-3}, chunk_size=chunk, ignore_every=3)
