@@ -1,5 +1,6 @@
 """TempNet overhead with the cce head: tokens/s of a training step with and without the temperature
-network, side by side in one process (alternating repeats, the same weights and batch), medians.
+network, side by side in one process (alternating repeats, the same weights and batch): medians,
+and the median of the ratios of adjacent pairs, which load drifting on a shared machine spares.
 
 Two levels: the head alone (forward + backward of `head(hidden, targets)` on random hidden states)
 and the whole model of a recipe (body + head forward, backward, AdamW step; no DeepSpeed, so the
@@ -93,12 +94,13 @@ def main():
 
     print(f"cce head, V={args.vocab}, D={args.hidden}, network width {options['width']}, "
           f"{torch.get_num_threads()} threads, {args.repeats} alternating repeats, medians")
-    print("| step | tokens | without tok/s | with tok/s | ratio |")
-    print("|---|---|---|---|---|")
+    print("| step | tokens | without tok/s | with tok/s | ratio of medians | median of paired ratios |")
+    print("|---|---|---|---|---|---|")
     for label, rates, tokens in (("head alone (fwd+bwd)", heads, args.tokens),
                                  (f"model {recipe.model.layers}×{recipe.model.d_model} (fwd+bwd+AdamW)", full, n)):
         a, b = statistics.median(rates["without"]), statistics.median(rates["with"])
-        print(f"| {label} | {tokens} | {a:,.0f} | {b:,.0f} | {b / a:.3f} |")
+        paired = statistics.median(w / wo for wo, w in zip(rates["without"], rates["with"]))
+        print(f"| {label} | {tokens} | {a:,.0f} | {b:,.0f} | {b / a:.3f} | {paired:.3f} |")
 
 
 if __name__ == "__main__":
