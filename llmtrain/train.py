@@ -158,6 +158,7 @@ class Worker:
                                 "--ntasks-per-node (llmtrain launch slurm writes both)")
         deepspeed.init_distributed(verbose=False)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        unlink_deepspeed_shm()
         checkpoint = self._resolve_checkpoint(resume)
         self.device = torch.device(deepspeed.get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
@@ -425,6 +426,20 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return code
+
+
+def unlink_deepspeed_shm() -> None:
+    """DeepSpeed's CPU all-reduce gives each rank a ~66 MB POSIX shared-memory file,
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, and never
+    unlinks it: every run would leave its ranks' files in RAM until reboot (a test suite's worth
+    filled 9 GB). init_distributed maps every rank's file before it returns, so after a barrier
+    the names can go; the mappings stay valid. Call it on every rank right after
+    init_distributed."""
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def exit_skipping_finalizers(code: int) -> None:

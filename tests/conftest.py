@@ -60,12 +60,16 @@ def free_port() -> int:
 def run_head_distributed(spec: dict, stage: int, steps: int = 6, ranks: int = 2, tie: bool = False) -> list[float]:
     """Per-step mean losses of a tiny model with `spec`'s head, trained under DeepSpeed ZeRO
     `stage` with `ranks` real ranks (torchrun, gloo on CPU)."""
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-           f"--master_port={free_port()}", str(TESTS / "distributed_head_run.py"),
+           f"--master_port={port}", str(TESTS / "distributed_head_run.py"),
            json.dumps(spec), str(stage), str(steps)] + (["tie"] if tie else [])
     env = {**checkout_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if proc.returncode != 0:
         pytest.fail(f"distributed run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    # DeepSpeed's CPU all-reduce files in /dev/shm (~66 MB of RAM each) must not outlive the run
+    leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"shared memory left behind: {leaked}"
     line = next(l for l in proc.stdout.splitlines() if l.startswith("LOSSES "))
     return json.loads(line[len("LOSSES "):])

@@ -14,7 +14,7 @@ from torch import nn
 
 from llmtrain.heads import build_head
 from llmtrain.heads.temperature import attach_temperature
-from llmtrain.train import exit_skipping_finalizers
+from llmtrain.train import exit_skipping_finalizers, unlink_deepspeed_shm
 
 VOCAB, HIDDEN, TOKENS_PER_RANK = 512, 32, 64
 
@@ -51,6 +51,7 @@ def main():
         "gradient_clipping": 1.0,
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    unlink_deepspeed_shm()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     losses = []
     for step in range(steps):
