@@ -68,8 +68,8 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
                     "checkpoints/ folder, a checkpoints/stepNNNNNNNN folder, or 'auto'")
 
 
-def check_compatible(meta: dict[str, Any], identity: dict[str, Any], tokenizer_hash: str, where: Path) -> None:
-    """Refuse to resume a checkpoint whose model, head or tokenizer differ from the recipe's."""
+def identity_problems(meta: dict[str, Any], identity: dict[str, Any], tokenizer_hash: str) -> list[str]:
+    """What differs between a checkpoint's saved model, head and tokenizer and ``identity``'s."""
     problems = [
         f"{section}: checkpoint has {_diff(meta['identity'][section], identity[section])}"
         for section in ("model", "head", "tokenizer")
@@ -77,6 +77,12 @@ def check_compatible(meta: dict[str, Any], identity: dict[str, Any], tokenizer_h
     ]
     if meta.get("tokenizer_hash") != tokenizer_hash:
         problems.append("tokenizer: the checkpoint was trained with another tokenizer (its content hash differs)")
+    return problems
+
+
+def check_compatible(meta: dict[str, Any], identity: dict[str, Any], tokenizer_hash: str, where: Path) -> None:
+    """Refuse to resume a checkpoint whose model, head or tokenizer differ from the recipe's."""
+    problems = identity_problems(meta, identity, tokenizer_hash)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"cannot resume {where}: the recipe changes what was trained\n{lines}\n"

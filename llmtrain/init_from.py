@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.checkpoint import META, _diff, complete_checkpoints, read_meta
+from llmtrain.checkpoint import META, complete_checkpoints, identity_problems, read_meta
 from llmtrain.errors import UserError
 from llmtrain.recipe import Recipe
 
@@ -28,13 +28,10 @@ def resolve_init_from(recipe: Recipe, tokenizer_hash: str) -> Path:
         raise UserError(f"temperature.init_from {source}: no complete checkpoint there; pass a run folder, its "
                         "checkpoints/ folder or a checkpoints/stepNNNNNNNN folder of a finished save")
     meta = read_meta(found)
-    saved = meta["identity"]
-    saved_head = {k: v for k, v in saved["head"].items() if k != "temperature"}
-    problems = [f"{name}: checkpoint has {_diff(old, new)}" for name, old, new in (
-        ("model", saved["model"], recipe.model.model_dump()), ("head", saved_head, recipe.head_spec()),
-        ("tokenizer", saved["tokenizer"], recipe.tokenizer.model_dump())) if old != new]
-    if meta.get("tokenizer_hash") != tokenizer_hash:
-        problems.append("tokenizer: the checkpoint was trained with another tokenizer (its content hash differs)")
+    # the network itself is what frozen_body trains: compare the head without it
+    saved = {**meta["identity"], "head": {k: v for k, v in meta["identity"]["head"].items() if k != "temperature"}}
+    ours = {"model": recipe.model.model_dump(), "head": recipe.head_spec(), "tokenizer": recipe.tokenizer.model_dump()}
+    problems = identity_problems({**meta, "identity": saved}, ours, tokenizer_hash)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"temperature.init_from {found}: the recipe's model differs from the checkpoint's\n{lines}\n"

@@ -340,3 +340,21 @@ def test_zero2_joint_run_then_frozen_body_leaves_body_and_head_unchanged(tmp_pat
     assert any(k.startswith("head.temperature.") for k in after)
     (ev2,) = [r for r in frozen if "val_loss" in r]
     assert ev2["val_loss"] == ev["val_loss"]
+
+
+def test_init_from_refuses_a_checkpoint_of_another_model(tmp_path):
+    from llmtrain.checkpoint import write_meta
+    from llmtrain.init_from import resolve_init_from
+
+    raw = yaml.safe_load((ROOT / "recipes" / "tiny-tempnet.yaml").read_text())
+    saved = validate_recipe(raw, ["model.layers=3"])
+    tag = tmp_path / "run" / "checkpoints" / "step00000004"
+    tag.mkdir(parents=True)
+    write_meta(tag, {"step": 4, "identity": saved.identity(), "tokenizer_hash": "h"})
+    same = validate_recipe(raw, ["model.layers=3", "temperature.mode=frozen_body",
+                                 f"temperature.init_from={tmp_path / 'run'}", "temperature.rho=6.0"])
+    assert resolve_init_from(same, "h") == tag  # the network's own settings may differ
+    other = validate_recipe(raw, ["temperature.mode=frozen_body", f"temperature.init_from={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="layers=3 where the recipe has 4") as e:
+        resolve_init_from(other, "other-hash")
+    assert "another tokenizer" in str(e.value)
