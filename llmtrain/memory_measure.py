@@ -42,8 +42,8 @@ def measure(jobs: list[dict[str, Any]], timeout: float = 600) -> list[dict[str, 
     free = None if torch.cuda.is_available() else free_device_bytes(torch.device("cpu"))
     results: list[dict[str, Any] | None] = [
         None if free is None or job.get("need", 0) <= free else _skipped(job["need"], free) for job in jobs]
-    todo = [job for job, result in zip(jobs, results) if result is None]
-    done = iter(_run_child(todo, timeout) if todo else [])
+    pending = [job for job, result in zip(jobs, results) if result is None]
+    done = iter(_run_child(pending, timeout) if pending else [])
     return [result if result is not None else next(done) for result in results]
 
 
