@@ -169,6 +169,23 @@ def test_filter_eps_tiny_is_exact_and_large_skips_whole_blocks(monkeypatch, dtyp
         torch.testing.assert_close(ours_exact - ours_filtered, ref_dropped, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("dtype_name,softcap", [("fp32", None), ("fp32", 2.0), ("bf16", None)])
+def test_filter_eps_keeps_the_same_blocks_whatever_the_reduction(monkeypatch, dtype_name, softcap):
+    """The filter looks at probabilities, not at gradient entries scaled by 1/n: the mean's
+    gradients are the sum's divided by the number of kept tokens."""
+    monkeypatch.setattr(cce, "FILTER_BLOCK", 32)
+    h, w, _, t = make_inputs(37, 203, 16, seed=5)
+    n_kept = int((t != IGNORE_INDEX).sum())
+    kw = {"softcap": softcap, "chunk_size": 8, "filter_eps": 0.005}
+    _, mean_grads = loss_and_grads(linear_cross_entropy, h * 0.5, w, None, t, 1.0, DTYPES[dtype_name],
+                                   reduction="mean", **kw)
+    _, sum_grads = loss_and_grads(linear_cross_entropy, h * 0.5, w, None, t, 1.0, DTYPES[dtype_name],
+                                  reduction="sum", **kw)
+    tol = {"fp32": 1e-5, "bf16": 1e-2}[dtype_name]
+    for mean_grad, sum_grad in zip(mean_grads, sum_grads):
+        torch.testing.assert_close(mean_grad * n_kept, sum_grad, rtol=tol, atol=tol)
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest number of elements of any tensor an operation creates."""
 
