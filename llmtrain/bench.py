@@ -103,8 +103,9 @@ def _make_step(spec: dict, h, w, targets, counts) -> tuple[Callable[[], object],
     if spec["kind"] == "head":
         from llmtrain.heads import HEADS, build_head
 
-        HEADS.setdefault(name, spec["entry"])  # the parent's registry entry, e.g. one added by a plugin
-        head = build_head({"type": name}, hidden_size=hidden, vocab_size=vocab)
+        head_type = spec["head_type"]
+        HEADS.setdefault(head_type, spec["entry"])  # the parent's registry entry, e.g. one added by a plugin
+        head = build_head({"type": head_type, **spec["options"]}, hidden_size=hidden, vocab_size=vocab)
         head.prepare(counts)
         head.to(h.device, h.dtype)
         if isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.shape == w.shape:
@@ -332,14 +333,39 @@ def measure(specs: list[dict], warmup: int, repeats: int, timeout: float, log=la
     return results
 
 
-def _names(value: str | None, allowed: list[str], option: str) -> list[str]:
+def _names(value: str | None, allowed: list[str], option: str, key=lambda name: name) -> list[str]:
     if value is None:
         return list(allowed)
     names = [n.strip() for n in value.split(",") if n.strip()]
-    unknown = [n for n in names if n not in allowed]
+    unknown = [n for n in names if key(n) not in allowed]
     if unknown:
         raise typer.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(allowed)}", param_hint=option)
     return names
+
+
+def _head_variants(value: str | None) -> list[tuple[str, str, dict]]:
+    """(label, head type, options) for each entry of --heads: a registered head, optionally
+    followed by options as in a recipe's head section, e.g. ``cce:chunk_size=256:filter_eps=1e-4``."""
+    import yaml
+
+    from llmtrain.heads import HEADS, parse_head_options
+
+    variants = []
+    for entry in _names(value, list(HEADS), "--heads", lambda n: n.split(":")[0]):
+        head_type, *pairs = entry.split(":")
+        options = {}
+        for pair in pairs:
+            key, sep, text = pair.partition("=")
+            if not (sep and key):
+                raise typer.BadParameter(f"{entry!r}: options go as key=value, e.g. cce:chunk_size=256",
+                                         param_hint="--heads")
+            options[key] = yaml.safe_load(text)
+        try:
+            parse_head_options({"type": head_type, **options})
+        except ValueError as e:  # pydantic's ValidationError included
+            raise typer.BadParameter(f"{entry!r}: {e}", param_hint="--heads") from None
+        variants.append((entry, head_type, options))
+    return variants
 
 
 def _device_name(device: str) -> str:
@@ -356,7 +382,8 @@ def heads_command(
     vocab: int = typer.Option(65536, min=2, help="V: vocabulary size"),
     hidden: int = typer.Option(512, min=1, help="D: hidden size"),
     dtype: str = typer.Option("fp32", help="fp32 or bf16: hidden states and weights"),
-    heads: str = typer.Option(None, help="comma-separated heads (default: every registered head; '' for none)"),
+    heads: str = typer.Option(None, help="comma-separated heads (default: every registered head; '' for none); "
+                                         "options after the name, e.g. cce:chunk_size=256:filter_eps=1e-4"),
     peers: str = typer.Option(None, help=f"comma-separated peers (default: all of {', '.join(PEERS)}; '' for none)"),
     repeats: int = typer.Option(5, min=1, help="timed runs per contender (the median is reported)"),
     warmup: int = typer.Option(1, min=0, help="untimed runs first (compilation, allocator warm-up)"),
@@ -377,7 +404,7 @@ def heads_command(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise typer.BadParameter(f"{device!r}; choose auto, cpu or cuda (cuda needs a GPU)", param_hint="--device")
-    head_names = _names(heads, list(HEADS), "--heads")
+    head_variants = _head_variants(heads)
     peer_names = _names(peers, list(PEERS), "--peers")
     if REFERENCE in peer_names:  # the reference first: every ratio divides by it
         peer_names.insert(0, peer_names.pop(peer_names.index(REFERENCE)))
@@ -385,11 +412,11 @@ def heads_command(
     base = {"tokens": tokens, "vocab": vocab, "hidden": hidden, "dtype": dtype, "device": device,
             "repeats": repeats, "warmup": warmup}
 
-    contenders = [("matmul", "matmul", None)] + [(n, "peer", None) for n in peer_names]
-    contenders += [(n, "head", HEADS[n]) for n in head_names]
-    specs = [{**base, "name": name, "kind": kind, "entry": entry} for name, kind, entry in contenders]
+    specs = [{**base, "name": "matmul", "kind": "matmul"}] + [{**base, "name": n, "kind": "peer"} for n in peer_names]
+    specs += [{**base, "name": label, "kind": "head", "head_type": head_type, "options": options,
+               "entry": HEADS[head_type]} for label, head_type, options in head_variants]
     measured = measure(specs, warmup, repeats, timeout, log=lambda msg: console.print(f"[dim]{msg} …[/dim]"))
-    results = [{"name": name, "kind": kind, **r} for (name, kind, _), r in zip(contenders, measured)]
+    results = [{"name": spec["name"], "kind": spec["kind"], **r} for spec, r in zip(specs, measured)]
     matmul, results = results[0], results[1:]
 
     floor_ms = None

@@ -16,7 +16,7 @@ def test_bench_heads_tiny_shape_writes_documented_json(tmp_path, monkeypatch):
     monkeypatch.setitem(HEADS, "broken", "bench_broken_head:BrokenHead")
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["heads", *TINY, "--heads", "softmax,broken",
+    result = CliRunner().invoke(app, ["heads", *TINY, "--heads", "softmax,cce:chunk_size=16,broken:label_smoothing=0.25",
                                       "--peers", "torch-linear-ce,torch-eager", "--json", str(out)])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
@@ -24,15 +24,17 @@ def test_bench_heads_tiny_shape_writes_documented_json(tmp_path, monkeypatch):
     assert doc["dtype"] == "fp32" and doc["torch"] and doc["device"].startswith("cpu")
     assert doc["matmul"]["status"] == "ok" and doc["matmul"]["gflops"] > 0 and doc["matmul"]["floor_ms"] > 0
     by_name = {r["name"]: r for r in doc["results"]}
-    assert [r["name"] for r in doc["results"]] == ["torch-eager", "torch-linear-ce", "softmax", "broken"]
-    for name in ("torch-eager", "torch-linear-ce", "softmax"):
+    assert [r["name"] for r in doc["results"]] == ["torch-eager", "torch-linear-ce", "softmax", "cce:chunk_size=16",
+                                                   "broken:label_smoothing=0.25"]
+    for name in ("torch-eager", "torch-linear-ce", "softmax", "cce:chunk_size=16"):
         r = by_name[name]
         assert r["status"] == "ok", r
         assert len(r["times_ms"]) == 2 and r["time_ms"] > 0 and r["peak_extra_mib"] >= 0
         assert abs(r["time_vs_floor"] - r["time_ms"] / doc["matmul"]["floor_ms"]) < 1e-9
         assert abs(r["time_vs_eager"] - r["time_ms"] / by_name["torch-eager"]["time_ms"]) < 1e-9
-    assert by_name["broken"]["status"] == "failed"
-    assert "forward refused" in by_name["broken"]["note"]
+    broken = by_name["broken:label_smoothing=0.25"]
+    assert broken["status"] == "failed"
+    assert "forward refused (label_smoothing=0.25)" in broken["note"]  # the options reached the worker
     assert "failed" in result.output
 
 
@@ -41,6 +43,9 @@ def test_bench_rejects_unknown_names_and_dtype():
     assert result.exit_code != 0 and "torch-eagre" in result.output and "--peers" in result.output
     result = CliRunner().invoke(app, ["heads", *TINY, "--dtype", "fp16"])
     assert result.exit_code != 0 and "--dtype" in result.output
+    for bad, named in (("cce:chunk_size=0", "chunk_size"), ("cce:chunk_size", "key=value"), ("cec:chunk_size=8", "cec")):
+        result = CliRunner().invoke(app, ["heads", *TINY, "--heads", bad])
+        assert result.exit_code != 0 and named in result.output and "--heads" in result.output, result.output
 
 
 def test_adaptive_cutoffs_start_at_sqrt_vocab_and_stay_inside():
