@@ -34,9 +34,9 @@ from llmtrain.heads.softmax import SoftmaxHead, SoftmaxOptions
 from llmtrain.heads.temperature import dro_shift, tau_metrics
 
 # Bytes of the logit tile per chunk when chunk_size is automatic: big enough for full-speed
-# matmuls, small next to eager's N × V logits. At V = 65,536: 384 tokens in fp32 (9% faster
-# than 256 on this CPU, BENCHMARKS), 512 in bf16.
-TILE_BUDGET = {"fp32": 96 * 2**20, "16-bit": 64 * 2**20}
+# matmuls (at V = 65,536: 256 tokens in fp32, within 3% of 384 and 512 on this CPU, BENCHMARKS;
+# 512 in bf16), small next to eager's N × V logits.
+TILE_BUDGET = 64 * 2**20
 MIN_CHUNK = 16
 # 16-bit inputs: rows of the tile taken through the fp32 softmax at a time (cache-sized).
 ROW_BLOCK_BYTES = 16 * 2**20
@@ -59,8 +59,7 @@ def _tile_bytes_per_token(vocab: int, dtype: torch.dtype, softcap: float | None)
 
 
 def auto_chunk_size(vocab: int, dtype: torch.dtype, softcap: float | None) -> int:
-    budget = TILE_BUDGET["16-bit" if _low_precision(dtype) else "fp32"]
-    rows = budget // _tile_bytes_per_token(vocab, dtype, softcap)
+    rows = TILE_BUDGET // _tile_bytes_per_token(vocab, dtype, softcap)
     return max(MIN_CHUNK, rows // MIN_CHUNK * MIN_CHUNK)
 
 
@@ -468,9 +467,8 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=IGN
     16-bit matmuls as in eager, with the softmax and the weight-gradient accumulation in fp32.
     targets [...] int64, ``ignore_index`` marks tokens that do not count (dropped before any
     matmul). ``reduction`` is "mean" over non-ignored tokens, "sum", or "none" (per token, 0 where
-    ignored). ``chunk_size`` tokens per tile (default: ~96 MiB of fp32 or ~64 MiB of 16-bit
-    scores). ``filter_eps`` (opt-in, inexact) skips vocabulary blocks of the gradient whose
-    probabilities are all below it.
+    ignored). ``chunk_size`` tokens per tile (default: a ~64 MiB tile). ``filter_eps`` (opt-in,
+    inexact) skips vocabulary blocks of the gradient whose probabilities are all below it.
     """
     return linear_cross_entropy_with_lse(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
@@ -529,8 +527,7 @@ def weighted_linear_cross_entropy(hidden, weight, targets, token_weight, *, igno
 
 
 class CCEOptions(SoftmaxOptions):
-    chunk_size: int | None = Field(
-        None, ge=1, description="tokens per logit tile (default: ~96 MiB of fp32, ~64 MiB of 16-bit scores)")
+    chunk_size: int | None = Field(None, ge=1, description="tokens per logit tile (default: a ~64 MiB tile)")
     filter_eps: float | None = Field(
         None, gt=0, lt=1, description="skip gradient blocks whose probabilities are all below this (inexact)")
 
@@ -575,7 +572,7 @@ class CCEHead(SoftmaxHead):
 
     def _score_chunks(self, hidden: torch.Tensor):
         """(start, [chunk, V] fp32 soft-capped scores): evaluation never holds N × V scores."""
-        rows = auto_chunk_size(self.vocab_size, torch.float32, None)  # fp32 [rows, V] scores: ~96 MiB
+        rows = auto_chunk_size(self.vocab_size, torch.float32, None)  # fp32 [rows, V] scores: ~64 MiB
         for start in range(0, hidden.shape[0], rows):
             yield start, _eval_scores(hidden[start:start + rows], self.weight, self.bias, self.options.softcap)
 
