@@ -231,10 +231,12 @@ class Worker:
         return ckpt_dir / tag
 
     def _load(self, tag_dir: Path) -> None:
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
         path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                    load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {tag_dir}")
+        self._repair_optimizer_after_load(hyper)
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.train_seconds = client.get("train_seconds", 0.0)
         self.sampler.load_state_dict(client["sampler"])
@@ -242,6 +244,20 @@ class Worker:
         # freshly seeded. The model has no dropout, so no training step draws from them today.
         if client.get("world_size") == self.world:
             set_rng_state(client["rng"][self.rank])
+
+    def _repair_optimizer_after_load(self, hyper: list[dict]) -> None:
+        """Undo two faults of DeepSpeed's ZeRO-3 universal load (0.19.8, stage3.py
+        load_hp_checkpoint_state_from_checkpoint_dir_stage3): it copies the first parameter
+        group's hyperparameters onto every group (the norms got weight decay, TempNet's group
+        the body's LR kind), and it hands every group one shared `step` tensor, which Adam then
+        advances once per group per step (wrong bias correction). The recipe's hyperparameters
+        win over any checkpoint's (LR is set every step); each state gets its own step."""
+        for group, own in zip(self.engine.optimizer.param_groups, hyper):
+            group.update(own)
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
     # ------------------------------------------------------------------ evaluation
 

@@ -44,13 +44,15 @@ def test_hostfile_run_trains_and_checkpoints(reference):
     assert saved["world_size"] == 2
 
 
-def assert_continues(run: Path, reference: Path, steps, val_rel=1e-3):
+def assert_continues(run: Path, reference: Path, steps):
+    """Losses and the final validation loss as the uninterrupted reference's, up to the order of
+    floating-point reductions (seen: ≤ 2e-7 relative); the LR schedule exactly."""
     ours, ref = by_step(run), by_step(reference)
     assert sorted(ours) == list(steps)
     for step in steps:
-        assert ours[step] == pytest.approx(ref[step], rel=1e-3), step
+        assert ours[step] == pytest.approx(ref[step], rel=1e-6), step
     assert by_step(run, "lr") == {s: by_step(reference, "lr")[s] for s in steps}  # the schedule carried over
-    assert by_step(run, "val_loss")[STEPS] == pytest.approx(by_step(reference, "val_loss")[STEPS], rel=val_rel)
+    assert by_step(run, "val_loss")[STEPS] == pytest.approx(by_step(reference, "val_loss")[STEPS], rel=1e-6)
 
 
 def test_resume_2_to_1_to_2_ranks_through_universal_checkpoints(recipe, reference, tmp_path):
@@ -75,11 +77,11 @@ def test_resume_zero3_on_another_world_size_and_export_it(recipe, reference, tmp
     # eval.batches=4 on 1 rank reads the validation blocks that 2 batches on each of 2 ranks read
     llmtrain("run", recipe, "--out", run, "--resume", "auto", "deepspeed.zero_stage=3", "launch.ranks_per_node=1",
              "train.grad_accum=2", "eval.batches=4")
-    # ZeRO-3 computes what ZeRO-2 does (an uninterrupted ZeRO-3 run matched the ZeRO-2 reference to
-    # 1e-7): the whole trajectory is held to the ZeRO-2 reference. After the ZeRO-3 2 → 1 resume,
-    # step 5 matched to 1e-7 but later steps drift (seen: 4e-5 at step 6, 6e-4 at step 8, 1.06e-3
-    # on the final validation loss), so the validation bound here is 2e-3.
-    assert_continues(run, reference, range(1, STEPS + 1), val_rel=2e-3)
+    # ZeRO-3 computes what ZeRO-2 does (an uninterrupted ZeRO-3 run matches the ZeRO-2 reference to
+    # 2e-7): the whole trajectory is held to the ZeRO-2 reference. Without the repair of DeepSpeed's
+    # ZeRO-3 universal load (Worker._repair_optimizer_after_load: weight decay on the norms, a
+    # shared Adam step) this drifted from step 6 on, 1.06e-3 on the final validation loss.
+    assert_continues(run, reference, range(1, STEPS + 1))
     check_export(run, tmp_path / "z3-export")
 
 
