@@ -28,8 +28,9 @@ from torch import nn
 
 from llmtrain.heads import HEADS, build_head, head_class, parse_head_options
 from llmtrain.heads.base import dtype_bytes
+from llmtrain.heads.temperature import attach_temperature
 from llmtrain.model import ffn_size
-from llmtrain.recipe import ModelConfig, Recipe
+from llmtrain.recipe import ModelConfig, Recipe, TemperatureConfig
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -78,9 +79,10 @@ def parse_budget(text: str) -> int:
 
 class ParamCount(NamedTuple):
     body: int  # embedding (when not tied), blocks, final norm
-    head: int
+    head: int  # the temperature network included
     total: int  # unique parameters
     largest_module: int  # the most parameters one module owns: what ZeRO-3 gathers at once
+    trainable: int  # those with gradients and optimizer states (TempNet's frozen_body: the network only)
 
 
 def body_param_count(cfg: ModelConfig, vocab_size: int) -> tuple[int, int]:
@@ -90,12 +92,18 @@ def body_param_count(cfg: ModelConfig, vocab_size: int) -> tuple[int, int]:
     return vocab_size * d + cfg.layers * per_block + d, max(vocab_size * d, 3 * d * d, 2 * f * d)
 
 
-def head_param_count(head_spec: Mapping[str, Any], hidden_size: int, vocab_size: int) -> int:
-    """The head's own constructor says how many weights it has; its parameters are moved to the
-    meta device as they are registered, so none of them is ever resident."""
+def head_param_count(head_spec: Mapping[str, Any], hidden_size: int, vocab_size: int,
+                     temperature: TemperatureConfig | None = None) -> tuple[int, int]:
+    """(the head's parameters, those of its temperature network when `temperature` is enabled).
+    The constructors say how many weights there are; parameters are moved to the meta device as
+    they are registered, so none of them is ever resident."""
     with _parameters_on_meta():
         head = build_head(head_spec, hidden_size=hidden_size, vocab_size=vocab_size)
-    return sum({id(p): p.numel() for p in head.parameters()}.values())
+        if temperature is not None and temperature.enabled:
+            t = temperature
+            attach_temperature(head, width=t.width, tau_min=t.tau_min, tau_max=t.tau_max, rho=t.rho, dropout=t.dropout)
+    network = sum(p.numel() for p in head.temperature.parameters()) if head.temperature is not None else 0
+    return sum({id(p): p.numel() for p in head.parameters()}.values()), network
 
 
 @contextlib.contextmanager
@@ -118,11 +126,15 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def param_count(cfg: ModelConfig, vocab_size: int, head_spec: Mapping[str, Any]) -> ParamCount:
+def param_count(cfg: ModelConfig, vocab_size: int, head_spec: Mapping[str, Any],
+                temperature: TemperatureConfig | None = None) -> ParamCount:
     body, largest = body_param_count(cfg, vocab_size)
-    head = head_param_count(head_spec, cfg.d_model, vocab_size)
+    head, network = head_param_count(head_spec, cfg.d_model, vocab_size, temperature)
     tied = cfg.tie_embeddings and head_class(dict(head_spec).get("type", "softmax")).supports_tying
-    return ParamCount(body, head, body + head - (vocab_size * cfg.d_model if tied else 0), max(largest, head))
+    total = body + head - (vocab_size * cfg.d_model if tied else 0)
+    frozen_body = bool(network) and temperature.mode == "frozen_body"
+    # the network runs inside the head's forward: ZeRO-3 holds both gathered at once
+    return ParamCount(body, head, total, max(largest, head), network if frozen_body else total)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -168,7 +180,7 @@ def head_memory(head_spec: Mapping[str, Any], tokens: int, hidden: int, vocab: i
     cls, options = parse_head_options(head_spec)
     dtype = PRECISION_DTYPES[precision]
     transient = int(cls.transient_bytes(options, tokens, hidden, vocab, dtype))
-    return transient, head_param_count(head_spec, hidden, vocab) * dtype_bytes(dtype)
+    return transient, head_param_count(head_spec, hidden, vocab)[0] * dtype_bytes(dtype)
 
 
 def estimate_head(head_spec: Mapping[str, Any], tokens: int, hidden: int, vocab: int, precision: str) -> Estimate:
@@ -197,17 +209,17 @@ def estimate_recipe(recipe: Recipe, vocab: int, world_size: int | None = None) -
     precision = "bf16" if bf16 else "fp32"
     w = dtype_bytes(PRECISION_DTYPES[precision])
 
-    pc = param_count(cfg, vocab, spec)
+    pc = param_count(cfg, vocab, spec, recipe.temperature)
     shard = lambda n, from_stage: n / world if stage >= from_stage else n  # noqa: E731
     # Beside the working-dtype model, DeepSpeed keeps fp32 master weights (Adam's two moments with
     # them) and gives them fp32 gradients at the optimizer step, except for an fp32 model at
     # stage 0, which is its own master. Gradients count every copy that exists at the step.
     master = bf16 or stage >= 1
-    grad_bytes = shard(pc.total * w, 2) + (shard(pc.total * 4, 1) if master else 0)
-    opt_bytes = shard(pc.total * (12 if master else 8), 1)
+    grad_bytes = shard(pc.trainable * w, 2) + (shard(pc.trainable * 4, 1) if master else 0)
+    opt_bytes = shard(pc.trainable * (12 if master else 8), 1)
     comps = {
         "parameters": 0 if offload_param else int(shard(pc.total * w, 3)),
-        "gradients": int(shard(pc.total * w, 2)) if offload_opt else int(grad_bytes),
+        "gradients": int(shard(pc.trainable * w, 2)) if offload_opt else int(grad_bytes),
         "optimizer_states": 0 if offload_opt else int(opt_bytes),
         "zero_buffers": _zero_buffers(zero, stage, w),
         "zero3_gathered": int(pc.largest_module * w * (1 if offload_param else 1 - 1 / world)) if stage == 3 else 0,
@@ -222,6 +234,9 @@ def estimate_recipe(recipe: Recipe, vocab: int, world_size: int | None = None) -
              f"micro-batch {t.micro_batch} × {cfg.seq_len} tokens"]
     if offload_opt or offload_param:
         notes.append("offloaded states are held in CPU memory and not counted per rank")
+    if recipe.temperature.enabled:
+        notes.append("the temperature network's weights and optimizer states are counted, not its per-step "
+                     "transient memory (with softmax: a tempered copy of the scores)")
     return Estimate(_name(spec), comps, head_total, int(total), notes, pc)
 
 
@@ -231,7 +246,7 @@ def deepspeed_model_states(recipe: Recipe, vocab: int, world_size: int) -> int |
     d = recipe.deepspeed
     if recipe.train.precision != "bf16" or d.zero_stage not in (2, 3):
         return None
-    pc = param_count(recipe.model, vocab, recipe.head_spec())
+    pc = param_count(recipe.model, vocab, recipe.head_spec(), recipe.temperature)
     with _quiet_deepspeed_import():
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs

@@ -164,7 +164,7 @@ def _check_snapshot(folder: Path, measure: bool) -> None:
 def build_report(target: Target, head_names, budget: int | None, measure: bool, snapshot: Path | None,
                  preset: str | None, budget_text: str | None = None) -> dict[str, Any]:
     """Everything `--json` writes: the target, and per head its estimate, verdict and measurement."""
-    from llmtrain.heads import HEADS
+    from llmtrain.heads import HEADS, head_class
     from llmtrain.memory_model import (deepspeed_model_states, estimate_head, estimate_recipe, fixes_for_recipe,
                                        fixes_for_shape, recipe_with)
 
@@ -182,6 +182,9 @@ def build_report(target: Target, head_names, budget: int | None, measure: bool, 
     for name, spec in specs.items():
         if target.recipe is not None:
             recipe = recipe_with(target.recipe, head=spec)
+            if recipe.temperature.enabled and not head_class(name).supports_temperature:
+                recipe = recipe_with(recipe, temperature={"enabled": False})
+                report["notes"].append(f"{name}: estimated without the temperature network, which it cannot serve")
             est = estimate_recipe(recipe, target.vocab, target.world_size)
             fixes = fixes_for_recipe(recipe, target.vocab, target.world_size, budget) if budget and est.total > budget else []
             ds = deepspeed_model_states(recipe, target.vocab, target.world_size)
@@ -221,6 +224,8 @@ def measure_heads(report: dict, target: Target, specs: dict, snapshot: Path | No
     from llmtrain.memory_measure import measure
     from llmtrain.memory_model import estimate_head, estimate_recipe, recipe_with
 
+    if target.recipe is not None and target.recipe.temperature.enabled:
+        report["notes"].append("the measured training step runs without the temperature network")
     for name, spec in specs.items():
         entry = report["heads"][name]
         jobs = [{"kind": "head", "head": spec, "tokens": target.tokens, "vocab": target.vocab,
@@ -230,7 +235,8 @@ def measure_heads(report: dict, target: Target, specs: dict, snapshot: Path | No
         compare = [{"estimate": "head_total", "bytes": entry["estimate"]["head_total"]}]
         if target.recipe is not None:
             # One process, so no partitioning: the estimate to compare with is ZeRO-0 on one rank.
-            one_rank = recipe_with(target.recipe, head=spec, deepspeed={
+            # The measured step has no temperature network, and neither has its estimate.
+            one_rank = recipe_with(target.recipe, head=spec, temperature={"enabled": False}, deepspeed={
                 "zero_stage": 0, "offload_optimizer": "none", "offload_param": "none", "config": {}})
             one_rank_total = estimate_recipe(one_rank, target.vocab, 1).total
             jobs.append({"kind": "step", "recipe": one_rank.model_dump(mode="json"), "vocab": target.vocab,

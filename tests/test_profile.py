@@ -76,6 +76,47 @@ def test_param_count_matches_the_built_model(cfg, head):
     assert counted.head == count_parameters(model.head)
 
 
+@pytest.mark.parametrize("mode", ["joint", "frozen_body"])
+def test_param_count_includes_the_temperature_network(mode):
+    """TempNet's first layer reads all V scores: it can outweigh the head. Counted as built by
+    attach_temperature; under frozen_body only the network has gradients and optimizer states."""
+    from llmtrain.heads.temperature import attach_temperature
+    from llmtrain.recipe import TemperatureConfig
+
+    cfg = ModelConfig(layers=2, d_model=32, n_heads=4, seq_len=16)
+    t = TemperatureConfig(enabled=True, width=24, mode=mode, init_from="runs/x" if mode == "frozen_body" else None)
+    model = LanguageModel(cfg, {"type": "cce"}, vocab_size=300)
+    network = attach_temperature(model.head, width=t.width, tau_min=t.tau_min, tau_max=t.tau_max, rho=t.rho,
+                                 dropout=t.dropout)
+    counted = param_count(cfg, 300, {"type": "cce"}, t)
+    assert counted.total == count_parameters(model)
+    assert counted.head == count_parameters(model.head)
+    assert counted.trainable == (count_parameters(network) if mode == "frozen_body" else counted.total)
+    assert count_parameters(network) > 300 * 24  # the V × width first layer
+
+
+def test_profile_of_a_tempnet_recipe_counts_the_network_for_the_heads_that_serve_one(tmp_path):
+    body = {**SMALL_RECIPE, "temperature": {"enabled": True}}
+    with_net = validate_recipe({**body, "head": {"type": "cce"}})
+    without = recipe_with(with_net, temperature={"enabled": False})
+    network = param_count(with_net.model, 8192, with_net.head_spec(), with_net.temperature).total - \
+        param_count(without.model, 8192, without.head_spec()).total
+    assert network > 8192 * 256  # the V × width first layer
+    # ZeRO-0, bf16: a bf16 weight, its bf16 and fp32 gradients, an fp32 master weight and two moments
+    a, b = estimate_recipe(with_net, 8192).components, estimate_recipe(without, 8192).components
+    for component, bytes_each in (("parameters", 2), ("gradients", 2 + 4), ("optimizer_states", 12)):
+        assert a[component] - b[component] == pytest.approx(network * bytes_each, rel=1e-6), component
+    recipe_path = tmp_path / "tempnet.yaml"
+    recipe_path.write_text(json.dumps(body))
+    out = tmp_path / "report.json"
+    result = cli(str(recipe_path), "--no-measure", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert "zloss: estimated without the temperature network, which it cannot serve" in report["notes"]
+    counts = {name: h["parameter_count"]["total"] for name, h in report["heads"].items()}
+    assert counts["cce"] - counts["zloss"] >= network
+
+
 def test_model_states_agree_with_deepspeeds_zero2_estimator():
     """Where DeepSpeed's estimator fits (bf16, ZeRO-2) its model-state figure is ours."""
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
