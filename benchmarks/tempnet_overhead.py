@@ -26,11 +26,6 @@ from llmtrain.recipe import load_recipe
 from llmtrain.train import param_groups
 
 
-def network_options(recipe) -> dict:
-    t = recipe.temperature
-    return {"width": t.width, "tau_min": t.tau_min, "tau_max": t.tau_max, "rho": t.rho, "dropout": t.dropout}
-
-
 def head_step(head, hidden, targets):
     h = hidden.detach().requires_grad_(True)
     head(h, targets).loss.backward()
@@ -58,7 +53,7 @@ def main():
     parser.add_argument("--recipe", default="recipes/tiny-tempnet.yaml")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
-    options = network_options(recipe)
+    options = recipe.temperature.network_options()
     torch.manual_seed(0)
 
     plain = build_head({"type": "cce"}, args.hidden, args.vocab)

@@ -100,8 +100,7 @@ def head_param_count(head_spec: Mapping[str, Any], hidden_size: int, vocab_size:
     with _parameters_on_meta():
         head = build_head(head_spec, hidden_size=hidden_size, vocab_size=vocab_size)
         if temperature is not None and temperature.enabled:
-            t = temperature
-            attach_temperature(head, width=t.width, tau_min=t.tau_min, tau_max=t.tau_max, rho=t.rho, dropout=t.dropout)
+            attach_temperature(head, **temperature.network_options())
     network = sum(p.numel() for p in head.temperature.parameters()) if head.temperature is not None else 0
     return sum({id(p): p.numel() for p in head.parameters()}.values()), network
 

@@ -155,11 +155,15 @@ class TemperatureConfig(Section):
             raise ValueError("init_from is used by mode frozen_body only; set temperature.mode=frozen_body or drop it")
         return self
 
+    def network_options(self) -> dict[str, Any]:
+        """The keyword arguments of heads.temperature.attach_temperature."""
+        return self.model_dump(include={"width", "tau_min", "tau_max", "rho", "dropout"})
+
     def identity(self) -> dict[str, Any] | None:
         """What changes the trained model (not lr, init_from): None when disabled."""
         if not self.enabled:
             return None
-        return self.model_dump(include={"tau_min", "tau_max", "rho", "width", "dropout", "mode"})
+        return {**self.network_options(), "mode": self.mode}
 
 
 class Recipe(Section):

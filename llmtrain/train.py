@@ -188,8 +188,7 @@ class Worker:
         weights with and without it. frozen_body: load the body and head from init_from (not on
         resume: the run's checkpoint holds them) and train the network only."""
         t = self.recipe.temperature
-        attach_temperature(model.head, width=t.width, tau_min=t.tau_min, tau_max=t.tau_max, rho=t.rho,
-                           dropout=t.dropout)
+        attach_temperature(model.head, **t.network_options())
         if t.mode != "frozen_body":
             return
         if resume is None:

@@ -86,8 +86,7 @@ def test_param_count_includes_the_temperature_network(mode):
     cfg = ModelConfig(layers=2, d_model=32, n_heads=4, seq_len=16)
     t = TemperatureConfig(enabled=True, width=24, mode=mode, init_from="runs/x" if mode == "frozen_body" else None)
     model = LanguageModel(cfg, {"type": "cce"}, vocab_size=300)
-    network = attach_temperature(model.head, width=t.width, tau_min=t.tau_min, tau_max=t.tau_max, rho=t.rho,
-                                 dropout=t.dropout)
+    network = attach_temperature(model.head, **t.network_options())
     counted = param_count(cfg, 300, {"type": "cce"}, t)
     assert counted.total == count_parameters(model)
     assert counted.head == count_parameters(model.head)
