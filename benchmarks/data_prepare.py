@@ -23,7 +23,7 @@ from pathlib import Path
 ONE_RUN = """
 import json, sys, time
 t0 = time.perf_counter()
-from llmtrain.data import prepare_data
+from llmtrain.data.prepare import prepare_data
 from llmtrain.recipe import DataConfig, TokenizerConfig
 a = json.loads(sys.argv[1])
 lines = []

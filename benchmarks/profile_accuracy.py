@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 
 from llmtrain.heads import HEADS
-from llmtrain.memory import format_bytes
-from llmtrain.memory_measure import measure
-from llmtrain.memory_model import estimate_head, estimate_recipe, parse_heads
+from llmtrain.train.memory import format_bytes
+from llmtrain.profile.measure import measure
+from llmtrain.profile.estimate import estimate_head, estimate_recipe, parse_heads
 from llmtrain.recipe import validate_recipe
 
 SHAPES = [(1024, 16384, 256, "fp32"), (256, 32768, 512, "bf16"), (2048, 8192, 512, "fp32")]

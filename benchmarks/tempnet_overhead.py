@@ -21,9 +21,9 @@ import torch
 
 from llmtrain.heads import build_head
 from llmtrain.heads.temperature import attach_temperature
-from llmtrain.model import LanguageModel
+from llmtrain.model.language_model import LanguageModel
 from llmtrain.recipe import load_recipe
-from llmtrain.train import param_groups
+from llmtrain.train.engine_config import param_groups
 
 
 def head_step(head, hidden, targets):

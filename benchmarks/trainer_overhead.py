@@ -21,10 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmtrain.data import ResumableSampler, load_split, prepare_data
-from llmtrain.model import LanguageModel
+from llmtrain.data.packing import load_split
+from llmtrain.data.prepare import prepare_data
+from llmtrain.data.sampler import ResumableSampler
+from llmtrain.model.language_model import LanguageModel
 from llmtrain.recipe import load_recipe
-from llmtrain.train import lr_at, param_groups
+from llmtrain.train.engine_config import param_groups
+from llmtrain.train.schedule import lr_at
 
 
 def plain_loop(recipe, prep, steps: int, warmup: int) -> float:

@@ -193,7 +193,7 @@ class _Contender:
         self._clear_grads()
         if self.device.type == "cpu":
             _malloc_for_memory_measurement()
-        from llmtrain.memory_measure import PeakGrowth
+        from llmtrain.profile.measure import PeakGrowth
 
         with PeakGrowth(self.device) as mem:
             self.step()

@@ -76,11 +76,11 @@ def run(
     the run continues with --resume auto, on the same or another number of ranks (another world
     size goes through a DeepSpeed universal checkpoint, converted automatically).
     """
-    from llmtrain.checkpoint import check_compatible, read_meta, resolve_resume
-    from llmtrain.data import prepare_data
-    from llmtrain.launch import hostfile_command, local_command, run_launcher, worker_args
+    from llmtrain.train.checkpoint import check_compatible, read_meta, resolve_resume
+    from llmtrain.data.prepare import prepare_data
+    from llmtrain.launch.local import hostfile_command, local_command, run_launcher, worker_args
     from llmtrain.recipe import load_recipe
-    from llmtrain.universal import checkpoint_to_load
+    from llmtrain.train.universal import checkpoint_to_load
 
     recipe = load_recipe(recipe_path, overrides or [])
     launcher_cmd_args = _multinode_options(recipe, hostfile, launcher, deepspeed_args)
@@ -90,8 +90,12 @@ def run(
         raise UserError(f"--out {out}: the folder holds an earlier run; continue it with --resume auto, "
                         "or choose another --out (nothing was changed)")
     prep = prepare_data(recipe.data, recipe.tokenizer, recipe.model.seq_len, log=err.print)
+    if recipe.model.hf:
+        from llmtrain.model.hf import check_before_launch
+
+        check_before_launch(recipe.model.hf, prep.vocab_size, weights=checkpoint is None)
     if checkpoint is None and recipe.temperature.enabled and recipe.temperature.mode == "frozen_body":
-        from llmtrain.init_from import resolve_init_from
+        from llmtrain.train.init_from import resolve_init_from
 
         recipe.temperature.init_from = str(resolve_init_from(recipe, prep.tokenizer_hash))
     if checkpoint is not None:
@@ -121,8 +125,8 @@ def _multinode_options(recipe, hostfile: Path | None, launcher: str | None, deep
     """Check --hostfile/--launcher/--deepspeed-args; the hostfile sets the recipe's node layout."""
     import shlex
 
-    from llmtrain.hostfile import read_hostfile
-    from llmtrain.launch import MULTINODE_LAUNCHERS
+    from llmtrain.launch.hostfile import read_hostfile
+    from llmtrain.launch.local import MULTINODE_LAUNCHERS
 
     if hostfile is None:
         if launcher or deepspeed_args:
@@ -169,7 +173,7 @@ def checkpoint_universal(
     it sees another world size) and writes checkpoints/universal/stepNNNNNNNN/ beside it; the
     original is kept."""
     from llmtrain.export import find_checkpoint
-    from llmtrain.universal import convert
+    from llmtrain.train.universal import convert
 
     tag_dir = find_checkpoint(run_dir)
     out = convert(tag_dir, log=err.print)
@@ -199,7 +203,7 @@ def launch_slurm(
     import subprocess
 
     from llmtrain.recipe import load_recipe
-    from llmtrain.slurm_script import render
+    from llmtrain.launch.slurm_script import render
 
     if dry_run and submit:
         raise UserError("--dry-run and --submit: choose one")
@@ -279,7 +283,7 @@ def recipe_check(
     err.print(f"[green]ok[/]: {recipe_path} is valid ({recipe.world_size} ranks, head {recipe.head.type})")
 
 
-from llmtrain.profile import profile as profile_command  # noqa: E402  (imports no torch)
+from llmtrain.profile.report import profile as profile_command  # noqa: E402  (imports no torch)
 
 app.command("profile")(user_errors(profile_command))
 from llmtrain.bench import app as bench_app  # noqa: E402

@@ -21,12 +21,12 @@ from typing import Callable
 import torch
 import yaml
 
-from llmtrain.checkpoint import META, complete_checkpoints, read_meta
-from llmtrain.data import PreparedData
+from llmtrain.train.checkpoint import META, complete_checkpoints, read_meta
+from llmtrain.data.prepare import PreparedData
 from llmtrain.errors import UserError
-from llmtrain.model import LanguageModel
+from llmtrain.model.language_model import LanguageModel
 from llmtrain.recipe import Recipe
-from llmtrain.universal import UNIVERSAL_DIR, saved_stage
+from llmtrain.train.universal import UNIVERSAL_DIR, saved_stage
 
 
 @dataclasses.dataclass
@@ -77,33 +77,34 @@ def load_run(target: Path) -> LoadedRun:
     tag_dir = find_checkpoint(target)
     meta = read_meta(tag_dir)
     recipe = Recipe.model_validate(meta["recipe"])
+    tokenizer_path, vocab_size = _tokenizer_of(tag_dir, meta)
     state = consolidated_state_dict(tag_dir, saved_stage(meta))
-    vocab_size = state["body.embed.weight"].shape[0]
-    model = LanguageModel(recipe.model, recipe.head_spec(), vocab_size)
+    model = LanguageModel(recipe.model, recipe.head_spec(), vocab_size, load_weights=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{tag_dir}: the checkpoint does not match its recipe's model "
                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.eval()
-    return LoadedRun(model, recipe, meta, tag_dir, _tokenizer_of(tag_dir, meta))
+    return LoadedRun(model, recipe, meta, tag_dir, tokenizer_path)
 
 
-def _tokenizer_of(tag_dir: Path, meta: dict) -> Path:
+def _tokenizer_of(tag_dir: Path, meta: dict) -> tuple[Path, int]:
     """The run's tokenizer.json (in the data cache, named by the run folder's data.json), checked
-    against the hash the checkpoint recorded."""
-    from llmtrain.data import _sha256_file
+    against the hash the checkpoint recorded, and its vocabulary size."""
+    from llmtrain.data.cache import sha256_file
 
     run_dir = tag_dir.parent.parent
     data_json = run_dir / "data.json"
     if not data_json.is_file():
         raise UserError(f"{data_json}: missing; it names the run's tokenizer (is {run_dir} a run folder?)")
-    path = Path(PreparedData.from_json(data_json.read_text()).tokenizer_path)
+    prepared = PreparedData.from_json(data_json.read_text())
+    path = Path(prepared.tokenizer_path)
     if not path.is_file():
         raise UserError(f"{path}: the run's tokenizer is gone from the data cache; run `llmtrain run` with the "
                         "run's recipe once to prepare it again")
-    if _sha256_file(path) != meta.get("tokenizer_hash"):
+    if sha256_file(path) != meta.get("tokenizer_hash"):
         raise UserError(f"{path}: this tokenizer differs from the one {tag_dir} was trained with (content hash)")
-    return path
+    return path, prepared.vocab_size
 
 
 def export_run(target: Path, out: Path, log: Callable[[str], None] = print) -> list[str]:
@@ -111,7 +112,8 @@ def export_run(target: Path, out: Path, log: Callable[[str], None] = print) -> l
     and cce heads) hf/ into the new folder `out`. Returns the names written."""
     from safetensors.torch import save_file
 
-    from llmtrain.hf_llama import hf_incompatibility, write_hf_folder
+    from llmtrain.model.hf_export import hf_export_problem, write_hf_export
+    from llmtrain.model.hf_llama import hf_incompatibility, write_hf_folder
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: exists and is not empty; choose a new folder (nothing was written)")
@@ -128,12 +130,13 @@ def export_run(target: Path, out: Path, log: Callable[[str], None] = print) -> l
         (tmp / "recipe.yaml").write_text(run.recipe.to_yaml())
         (tmp / META).write_text(json.dumps({
             "step": run.meta["step"], "tokens_seen": run.meta.get("tokens_seen"), "source": str(run.checkpoint),
-            "tokenizer_hash": run.meta["tokenizer_hash"], "vocab_size": run.model.head.vocab_size,
+            "tokenizer_hash": run.meta["tokenizer_hash"], "vocab_size": run.model.predictable_vocab,
             "head": run.recipe.head_spec(), "exported_at": time.time()}, indent=1))
         written = ["model.safetensors", "tokenizer.json", "recipe.yaml", META]
-        reason = hf_incompatibility(run.recipe)
+        reason = hf_export_problem(run.recipe) if run.recipe.model.hf else hf_incompatibility(run.recipe)
         if reason is None:
-            write_hf_folder(run.model, run.recipe, run.tokenizer_path, tmp / "hf")
+            write = write_hf_export if run.recipe.model.hf else write_hf_folder
+            write(run.model, run.recipe, run.tokenizer_path, tmp / "hf")
             written.append("hf/")
         else:
             log(f"no Hugging Face folder: {reason}")
@@ -152,6 +155,7 @@ def load_exported(folder: Path) -> LanguageModel:
 
     recipe = Recipe.model_validate(yaml.safe_load((folder / "recipe.yaml").read_text()))
     state = load_file(str(folder / "model.safetensors"))
-    model = LanguageModel(recipe.model, recipe.head_spec(), state["body.embed.weight"].shape[0])
+    vocab_size = json.loads((folder / META).read_text())["vocab_size"]  # the tokenizer's
+    model = LanguageModel(recipe.model, recipe.head_spec(), vocab_size, load_weights=False)
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -13,7 +13,7 @@ import torch
 
 from llmtrain.errors import UserError
 from llmtrain.export import load_run
-from llmtrain.model import LanguageModel
+from llmtrain.model.language_model import LanguageModel
 
 Temperature = float | str
 
@@ -34,13 +34,13 @@ def parse_temperature(text: str) -> Temperature:
 def next_tokens(model: LanguageModel, ids: torch.Tensor, temperature: Temperature, top_k: int | None,
                 generator: torch.Generator) -> torch.Tensor:
     """[B] next token ids after `ids` [B, T] (the last seq_len tokens are the context)."""
-    hidden = model.body(ids[:, -model.body.rope_cos.shape[0]:])[:, -1]
+    hidden = model.body(ids[:, -model.seq_len:])[:, -1]
     head = model.head
     if temperature == 0:
-        return head.topk(hidden, 1)[:, 0]
+        return model.topk(hidden, 1)[:, 0]
     if top_k is None:
         try:
-            return head.sample(hidden, temperature=temperature, generator=generator)
+            return model.sample(hidden, temperature=temperature, generator=generator)
         except ValueError as e:  # heads refuse "auto" without a temperature network
             if temperature == "auto":
                 raise UserError(f"--temperature auto: the {head.name} head says: {e}; pass a number") from None
@@ -49,8 +49,8 @@ def next_tokens(model: LanguageModel, ids: torch.Tensor, temperature: Temperatur
         raise UserError("--top-k with --temperature auto: the head's temperature network samples over the whole "
                         "vocabulary; drop --top-k or pass a numeric temperature")
     # Top-k: the head's exact k best tokens, re-drawn by their own (log-)probabilities.
-    k = min(top_k, head.vocab_size)
-    candidates = head.topk(hidden, k)  # [B, k]
+    k = min(top_k, model.predictable_vocab)
+    candidates = model.topk(hidden, k)  # [B, k]
     logprobs = _scorer(head)(hidden.repeat_interleave(k, 0), candidates.flatten()).view(-1, k)
     pick = torch.multinomial(torch.softmax(logprobs.double() / temperature, 1), 1, generator=generator)
     return candidates.gather(1, pick).squeeze(1)
@@ -67,7 +67,7 @@ def _scorer(head):
 
 def generate_text(target: Path, prompt: str, *, max_new_tokens: int, temperature: Temperature = 1.0,
                   top_k: int | None = None, seed: int = 0) -> str:
-    from llmtrain.data import load_tokenizer
+    from llmtrain.data.tokenizer import load_tokenizer
 
     run = load_run(target)
     tok = load_tokenizer(run.tokenizer_path)

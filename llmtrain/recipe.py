@@ -45,6 +45,10 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
+    hf: str | None = Field(
+        None, description="a local Hugging Face model folder (config.json, optionally *.safetensors weights and "
+        "tokenizer.json): its base model is the body, its lm_head the softmax/cce head's weight; the architecture "
+        "fields below are then read from its config.json")
     layers: int = Field(4, ge=1, description="transformer blocks")
     d_model: int = Field(256, ge=8, description="hidden size")
     n_heads: int = Field(4, ge=1, description="attention heads (d_model must divide by it)")
@@ -55,9 +59,14 @@ class ModelConfig(Section):
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
     init_std: float = Field(0.02, gt=0, description="std of the normal init of linear and embedding weights")
 
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint of this model must match; `hf` only when set, so checkpoints from
+        before it existed still match."""
+        return self.model_dump(exclude={"hf"} if self.hf is None else set())
+
     @model_validator(mode="after")
     def _heads_divide(self):
-        if self.d_model % self.n_heads:
+        if self.hf is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         return self
 
@@ -121,7 +130,7 @@ class HeadSection(BaseModel):
     """`type` picks the head; the remaining keys are that head's options, validated by the head."""
 
     model_config = ConfigDict(extra="allow")
-    type: str = Field("softmax", description="output head: softmax | hsm | zloss | cce")
+    type: str = Field("softmax", description=f"output head: {' | '.join(HEADS)}")
 
 
 class TemperatureConfig(Section):
@@ -192,7 +201,7 @@ class Recipe(Section):
         head = self.head_spec()
         if self.temperature.enabled:
             head["temperature"] = self.temperature.identity()
-        return {"model": self.model.model_dump(), "head": head, "tokenizer": self.tokenizer.model_dump()}
+        return {"model": self.model.identity(), "head": head, "tokenizer": self.tokenizer.model_dump()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -220,6 +229,12 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
 def validate_recipe(raw: dict[str, Any], overrides: Sequence[str] = (), source: str = "recipe") -> Recipe:
     raw = copy.deepcopy(raw)
     errors = [e for item in overrides if (e := _apply_override(raw, item))]
+    if isinstance(raw.get("model"), dict) and raw["model"].get("hf"):
+        # The one lazy edge from the recipe to the model package: a Hugging Face folder's config
+        # decides the architecture fields, which the resolved recipe then shows.
+        from llmtrain.model.hf import resolve_recipe_fields
+
+        errors += resolve_recipe_fields(raw)
     recipe = None
     try:
         recipe = Recipe.model_validate(raw)
@@ -229,7 +244,7 @@ def validate_recipe(raw: dict[str, Any], overrides: Sequence[str] = (), source: 
     errors += head_errors
     head, temperature = raw.get("head") or {}, raw.get("temperature") or {}
     if isinstance(head, dict) and isinstance(temperature, dict) and temperature.get("enabled") is True and not head_errors:
-        errors += temperature_problems(head.get("type", "softmax"), head)
+        errors += temperature_problems(head_class(head.get("type", "softmax")), head)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise UserError(f"{source}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n{lines}")
@@ -287,5 +302,9 @@ def _head_errors(head: Any, model: Any) -> list[str]:
     except ValidationError as e:
         return [_describe(err, head_class(name).Options, prefix=("head",)) for err in e.errors()]
     if isinstance(model, dict) and model.get("tie_embeddings") and not cls.supports_tying:
+        if model.get("hf"):
+            return [f"model.hf: {model['hf']} ties its embedding to lm_head (tie_word_embeddings), and the {name} "
+                    "head has no single [vocab, d_model] weight to share; choose a head that can tie "
+                    f"({', '.join(n for n in HEADS if head_class(n).supports_tying)}) or an untied model"]
         return [f"model.tie_embeddings: the {name} head has no single [vocab, d_model] weight to share; set it to false"]
     return []

@@ -14,7 +14,7 @@ from torch import nn
 
 from llmtrain.heads import build_head
 from llmtrain.heads.temperature import attach_temperature
-from llmtrain.train import exit_skipping_finalizers, unlink_deepspeed_shm
+from llmtrain.train.worker import exit_skipping_finalizers, unlink_deepspeed_shm
 
 VOCAB, HIDDEN, TOKENS_PER_RANK = 512, 32, 64
 

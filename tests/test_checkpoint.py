@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmtrain.checkpoint import META, check_compatible, complete_checkpoints, prune, resolve_resume, tag_for, write_meta
+from llmtrain.train.checkpoint import META, check_compatible, complete_checkpoints, prune, resolve_resume, tag_for, write_meta
 from llmtrain.errors import UserError
 
 IDENTITY = {"model": {"layers": 2, "d_model": 32}, "head": {"type": "softmax"}, "tokenizer": {"vocab_size": 512}}

@@ -87,7 +87,8 @@ def test_resume_zero3_on_another_world_size_and_export_it(recipe, reference, tmp
 
 def validation_loss(model, run: Path) -> float:
     """Mean validation NLL over the batches the run's final eval used (every rank's share)."""
-    from llmtrain.data import PreparedData, load_split
+    from llmtrain.data.packing import load_split
+    from llmtrain.data.prepare import PreparedData
 
     saved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
     data = PreparedData.from_json((run / "data.json").read_text())

@@ -11,19 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from llmtrain import data
-from llmtrain.data import (
-    EOS_TOKEN,
-    PreparedData,
-    ResumableSampler,
-    load_split,
-    prepare_data,
-    read_corpus,
-    split_documents,
-    stdlib_files,
-    token_bytes,
-    train_tokenizer,
-)
+from llmtrain.data import packing, sources, tokenizer
+from llmtrain.data.packing import load_split
+from llmtrain.data.prepare import PreparedData, prepare_data
+from llmtrain.data.sampler import ResumableSampler
+from llmtrain.data.sources import read_corpus, split_documents, stdlib_files
+from llmtrain.data.tokenizer import EOS_TOKEN, token_bytes, train_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.recipe import DataConfig, TokenizerConfig
 
@@ -151,7 +144,7 @@ def test_packing_matches_eos_joined_stream(tmp_path):
     val_names = reference_split(names, 0.2)
     assert 0 < len(val_names) < len(names)  # the corpus exercises both sides without fallback
 
-    tok = data.load_tokenizer(prep.tokenizer_path)
+    tok = tokenizer.load_tokenizer(prep.tokenizer_path)
     assert prep.eos_id == tok.token_to_id(EOS_TOKEN) and prep.vocab_size == tok.get_vocab_size()
     for split_path, keep in ((prep.train_path, lambda n: n not in val_names), (prep.val_path, lambda n: n in val_names)):
         stream = []
@@ -175,7 +168,7 @@ def test_packing_matches_eos_joined_stream(tmp_path):
 
 
 def test_split_is_deterministic_disjoint_and_seed_free():
-    docs = [data.Document(f"file{i}.py", f"text {i}") for i in range(2000)]
+    docs = [sources.Document(f"file{i}.py", f"text {i}") for i in range(2000)]
     train, val = split_documents(docs, 0.1)
     names = {d.name for d in docs}
     assert {d.name for d in train} | {d.name for d in val} == names
@@ -183,12 +176,12 @@ def test_split_is_deterministic_disjoint_and_seed_free():
     assert {d.name for d in val} == reference_split(sorted(names), 0.1)
     assert abs(len(val) / len(docs) - 0.1) < 0.03  # binomial sd is 0.0067
     # Order and other documents do not move a document between sides.
-    _, val_shuffled = split_documents(list(reversed(docs)) + [data.Document("new.py", "x")], 0.1)
+    _, val_shuffled = split_documents(list(reversed(docs)) + [sources.Document("new.py", "x")], 0.1)
     assert {d.name for d in val_shuffled} - {"new.py"} == {d.name for d in val}
 
 
 def test_split_keeps_one_document_on_each_side():
-    docs = [data.Document(f"d{i}", "x") for i in range(3)]
+    docs = [sources.Document(f"d{i}", "x") for i in range(3)]
     train, val = split_documents(docs, 0.01)
     assert len(val) >= 1 and len(train) >= 1 and len(train) + len(val) == 3
 
@@ -197,7 +190,7 @@ def test_second_prepare_reuses_the_cache(tmp_path, monkeypatch):
     write_corpus(tmp_path / "corpus", n_docs=12)
     dcfg, tcfg = configs(tmp_path, tmp_path / "corpus")
     calls = {"train": 0, "encode": 0}
-    real_train, real_stream = data.train_tokenizer, data.token_stream
+    real_train, real_stream = tokenizer.train_tokenizer, packing.token_stream
 
     def counting(name, fn):
         def wrapped(*a, **k):
@@ -205,8 +198,8 @@ def test_second_prepare_reuses_the_cache(tmp_path, monkeypatch):
             return fn(*a, **k)
         return wrapped
 
-    monkeypatch.setattr(data, "train_tokenizer", counting("train", real_train))
-    monkeypatch.setattr(data, "token_stream", counting("encode", real_stream))
+    monkeypatch.setattr(tokenizer, "train_tokenizer", counting("train", real_train))
+    monkeypatch.setattr(packing, "token_stream", counting("encode", real_stream))
     first = prepare_data(dcfg, tcfg, SEQ_LEN, log=lambda m: None)
     assert calls == {"train": 1, "encode": 2}
     mtime = Path(first.tokenizer_path).stat().st_mtime_ns
@@ -224,18 +217,18 @@ def test_second_prepare_reuses_the_cache(tmp_path, monkeypatch):
 def test_interrupted_prepare_leaves_no_cache_entry(tmp_path, monkeypatch):
     write_corpus(tmp_path / "corpus", n_docs=12)
     dcfg, tcfg = configs(tmp_path, tmp_path / "corpus")
-    real_save = data.save_blocks
+    real_save = packing.save_blocks
 
     def save_train_then_die(blocks, path):
         real_save(blocks, path)
         raise KeyboardInterrupt  # as if stopped after the train split was written
 
-    monkeypatch.setattr(data, "save_blocks", save_train_then_die)
+    monkeypatch.setattr(packing, "save_blocks", save_train_then_die)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(dcfg, tcfg, SEQ_LEN, log=lambda m: None)
     packed = tmp_path / "cache" / "packed"
     assert list(packed.iterdir()) == []  # neither a final entry nor a temporary one
-    monkeypatch.setattr(data, "save_blocks", real_save)
+    monkeypatch.setattr(packing, "save_blocks", real_save)
     prep = prepare_data(dcfg, tcfg, SEQ_LEN, log=lambda m: None)
     assert load_split(prep.train_path).shape[0] == prep.n_train_blocks > 0
 
@@ -299,7 +292,7 @@ def test_loaded_tokenizer_is_used_and_gets_an_eos(tmp_path, small_tokenizer):
     dcfg, tcfg = configs(tmp_path, tmp_path / "corpus", path=str(tmp_path / "plain.json"))
     prep = prepare_data(dcfg, tcfg, SEQ_LEN, log=lambda m: None)
     assert prep.vocab_size == 257 and prep.eos_id == 256
-    assert data.load_tokenizer(prep.tokenizer_path).id_to_token(256) == EOS_TOKEN
+    assert tokenizer.load_tokenizer(prep.tokenizer_path).id_to_token(256) == EOS_TOKEN
 
     small_tokenizer.save(str(tmp_path / "small.json"))
     dcfg, tcfg = configs(tmp_path, tmp_path / "corpus", path=str(tmp_path / "small.json"))

@@ -5,12 +5,12 @@ state-dict round trips for every head, sampling through the head, and the errors
 import pytest
 import torch
 
-from llmtrain.checkpoint import write_meta
+from llmtrain.train.checkpoint import write_meta
 from llmtrain.errors import UserError
 from llmtrain.export import find_checkpoint
 from llmtrain.generate import next_tokens, parse_temperature
-from llmtrain.hf_llama import hf_incompatibility, llama_config, llama_state_dict
-from llmtrain.model import LanguageModel
+from llmtrain.model.hf_llama import hf_incompatibility, llama_config, llama_state_dict
+from llmtrain.model.language_model import LanguageModel
 from llmtrain.recipe import validate_recipe
 
 VOCAB = 300

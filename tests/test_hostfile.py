@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from llmtrain.errors import UserError
-from llmtrain.hostfile import Host, read_hostfile
-from llmtrain.launch import hostfile_command
+from llmtrain.launch.hostfile import Host, read_hostfile
+from llmtrain.launch.local import hostfile_command
 from llmtrain.recipe import validate_recipe
 
 
@@ -44,4 +44,4 @@ def test_hostfile_command_passes_deepspeed_options_through(tmp_path):
     assert "--master_port 29611" in joined and cmd[-3:] == ["--module", "llmtrain.train", "RUN"]
     slurm = hostfile_command(recipe, tmp_path / "hosts", "slurm", [], ["RUN"])
     # DeepSpeed's srun line runs a script and sets no RANK: the worker maps SLURM's variables
-    assert slurm[-3].endswith("llmtrain/train.py") and slurm[-2:] == ["RUN", "--slurm"]
+    assert slurm[-3].endswith("llmtrain/train/__main__.py") and slurm[-2:] == ["RUN", "--slurm"]

@@ -2,7 +2,8 @@
 
 import torch
 
-from llmtrain.model import LanguageModel, RMSNorm, apply_rope, count_parameters, rope_tables
+from llmtrain.model.decoder import RMSNorm, apply_rope, rope_tables
+from llmtrain.model.language_model import LanguageModel, count_parameters
 from llmtrain.recipe import ModelConfig
 
 CFG = ModelConfig(layers=2, d_model=32, n_heads=4, seq_len=16)

@@ -9,12 +9,13 @@ from typer.testing import CliRunner
 
 from llmtrain.cli import user_errors
 from llmtrain.heads import HEADS, head_class
-from llmtrain.memory import peak_bytes, reset_cpu_peak
-from llmtrain.memory_measure import measure, oom_snapshot
-from llmtrain.memory_model import (PRESETS, estimate_head, estimate_recipe, param_count, parse_budget,
+from llmtrain.train.memory import peak_bytes, reset_cpu_peak
+from llmtrain.profile.measure import measure
+from llmtrain.train.memory import oom_snapshot
+from llmtrain.profile.estimate import (PRESETS, estimate_head, estimate_recipe, param_count, parse_budget,
                                    recipe_with)
-from llmtrain.model import LanguageModel, count_parameters
-from llmtrain.profile import profile
+from llmtrain.model.language_model import LanguageModel, count_parameters
+from llmtrain.profile.report import profile
 from llmtrain.recipe import ModelConfig, validate_recipe
 
 MiB = 2**20

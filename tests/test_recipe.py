@@ -5,7 +5,7 @@ import yaml
 
 from llmtrain.errors import UserError
 from llmtrain.recipe import load_recipe
-from llmtrain.train import lr_at
+from llmtrain.train.schedule import lr_at
 
 RECIPES = sorted((__import__("pathlib").Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

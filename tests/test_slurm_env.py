@@ -3,7 +3,7 @@
 import pytest
 
 from llmtrain.errors import UserError
-from llmtrain.slurm_env import PORT_BASE, PORT_SPAN, expand_nodelist, rank_env
+from llmtrain.train.slurm_env import PORT_BASE, PORT_SPAN, expand_nodelist, rank_env
 
 TASK = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "gpu[007-008,010],cpu1",
         "SLURM_JOB_ID": "123456"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain.slurm_script import render
+from llmtrain.launch.slurm_script import render
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE_ROOT = Path("/path/to/llmtrain")

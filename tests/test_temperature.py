@@ -17,9 +17,10 @@ from torch import nn
 
 from llmtrain.errors import UserError
 from llmtrain.heads import build_head
-from llmtrain.heads.temperature import NO_NETWORK, TemperatureNet, attach_temperature
+from llmtrain.heads.base import NO_NETWORK
+from llmtrain.heads.temperature import TemperatureNet, attach_temperature
 from llmtrain.recipe import validate_recipe
-from llmtrain.train import param_groups
+from llmtrain.train.engine_config import param_groups
 
 ROOT = Path(__file__).parent.parent
 V, D, N = 97, 12, 30
@@ -343,8 +344,8 @@ def test_zero2_joint_run_then_frozen_body_leaves_body_and_head_unchanged(tmp_pat
 
 
 def test_init_from_refuses_a_checkpoint_of_another_model(tmp_path):
-    from llmtrain.checkpoint import write_meta
-    from llmtrain.init_from import resolve_init_from
+    from llmtrain.train.checkpoint import write_meta
+    from llmtrain.train.init_from import resolve_init_from
 
     raw = yaml.safe_load((ROOT / "recipes" / "tiny-tempnet.yaml").read_text())
     saved = validate_recipe(raw, ["model.layers=3"])

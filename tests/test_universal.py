@@ -3,9 +3,9 @@ the conversion itself runs in tests/test_clusters_e2e.py)."""
 
 import pytest
 
-from llmtrain.checkpoint import write_meta
+from llmtrain.train.checkpoint import write_meta
 from llmtrain.errors import UserError
-from llmtrain.universal import checkpoint_to_load, convert, needs_universal, universal_path
+from llmtrain.train.universal import checkpoint_to_load, convert, needs_universal, universal_path
 
 
 def meta(world: int, stage: int) -> dict:

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 IGNORE_INDEX = -100
+# sample(temperature="auto"): each token at the temperature its network predicts.
+AUTO = "auto"
+NO_NETWORK = "temperature='auto' needs the temperature network (recipe temperature.enabled)"
 
 
 class HeadOptions(BaseModel):
@@ -36,13 +39,22 @@ class Head(nn.Module, abc.ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[HeadOptions]] = HeadOptions
+    # What the head can do. Everyone else (recipe validation, the trainer, eval, profile, export)
+    # reads these, so a new head is taught to its own file and the registry line only.
     # False for heads whose scores are not a normalized distribution (Z-loss): eval then skips
     # perplexity and reports top-k accuracy only.
     is_distribution: ClassVar[bool] = True
     # True when the head has one [V, D] `weight` that the embedding may share (tie_embeddings).
     supports_tying: ClassVar[bool] = False
-    # True when the head can train with the TempNet add-on (heads/temperature.py).
+    # True when the scores are `weight`·h (+ `bias`) over the whole vocabulary, as a Hugging Face
+    # lm_head's: the head can start from an lm_head's weight and be exported as one.
+    linear_lm_head: ClassVar[bool] = False
+    # True when the head standardizes its scores, so o/τ scores the same as o (Z-loss).
+    scale_invariant: ClassVar[bool] = False
+    # True when the head can train with the TempNet add-on (heads/temperature.py); the options
+    # that cannot be combined with it, each with the reason.
     supports_temperature: ClassVar[bool] = False
+    temperature_conflicts: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: HeadOptions, hidden_size: int, vocab_size: int):
         super().__init__()
@@ -79,14 +91,10 @@ class Head(nn.Module, abc.ABC):
 
     def predict_temperature(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N] float32 temperatures from the head's temperature network (dropout off)."""
-        from llmtrain.heads.temperature import NO_NETWORK
-
         raise ValueError(NO_NETWORK)
 
     def sampling_temperature(self, hidden: torch.Tensor, temperature: float | str) -> float | torch.Tensor:
         """``temperature`` checked: a float, or for "auto" the predicted [N] temperatures."""
-        from llmtrain.heads.temperature import AUTO, NO_NETWORK, check_temperature
-
         if check_temperature(temperature) != AUTO:
             return float(temperature)
         if self.temperature is None:
@@ -118,6 +126,17 @@ class Head(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}"
+
+
+def check_temperature(temperature: float | str) -> float | str:
+    """A positive number or 'auto'; ValueError naming the argument otherwise."""
+    if isinstance(temperature, str):
+        if temperature != AUTO:
+            raise ValueError(f"temperature must be a number > 0 or 'auto', got {temperature!r}")
+        return temperature
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return float(temperature)
 
 
 def check_head_inputs(hidden: torch.Tensor, targets: torch.Tensor | None, hidden_size: int) -> None:

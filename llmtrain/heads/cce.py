@@ -539,6 +539,12 @@ class CCEHead(SoftmaxHead):
 
     name = "cce"
     Options = CCEOptions
+    temperature_conflicts = {
+        **SoftmaxHead.temperature_conflicts,
+        "bias": "CE(o/τ) is the cce loss of h/τ only when o = W·h (with a bias, o/τ = W·h/τ + b/τ)",
+        "softcap": "a soft-capped score is not linear in h, so neither CE(o/τ) nor the network's "
+                   "input can be computed without the N × V scores",
+    }
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> HeadOutput:
         check_head_inputs(hidden, targets, self.hidden_size)

@@ -25,7 +25,12 @@ class SoftmaxHead(Head):
     name = "softmax"
     Options = SoftmaxOptions
     supports_tying = True
+    linear_lm_head = True
     supports_temperature = True
+    temperature_conflicts = {
+        "z_loss": "the PaLM z-loss penalty is defined on the untempered logits",
+        "label_smoothing": "the DRO loss replaces the (smoothed) cross-entropy",
+    }
 
     def __init__(self, options: SoftmaxOptions, hidden_size: int, vocab_size: int):
         super().__init__(options, hidden_size, vocab_size)

@@ -31,10 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmtrain.heads.base import IGNORE_INDEX
-
-AUTO = "auto"
-NO_NETWORK = "temperature='auto' needs the temperature network (recipe temperature.enabled)"
+from llmtrain.heads import HEADS, head_class
+from llmtrain.heads.base import IGNORE_INDEX, Head
 # ‖o‖ floor, as F.normalize's eps: an all-zero score vector maps to u = 0, not NaN.
 NORM_EPS = 1e-12
 
@@ -132,52 +130,26 @@ def dro_loss_from_logits(logits: torch.Tensor, targets: torch.Tensor, tau: torch
     return loss, tau_metrics(tau, keep, ce)
 
 
-def check_temperature(temperature: float | str) -> float | str:
-    """A positive number or 'auto'; ValueError naming the argument otherwise."""
-    if isinstance(temperature, str):
-        if temperature != AUTO:
-            raise ValueError(f"temperature must be a number > 0 or 'auto', got {temperature!r}")
-        return temperature
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return float(temperature)
-
-
 # --------------------------------------------------------------------------- what each head can serve
 
-# Options of a head that change the loss the DRO objective replaces, or the scores' linearity that
-# the cce path needs, and why they are refused together with the network.
-_CONFLICTS = {
-    "softmax": {"z_loss": "the PaLM z-loss penalty is defined on the untempered logits",
-                "label_smoothing": "the DRO loss replaces the (smoothed) cross-entropy"},
-    "cce": {"z_loss": "the PaLM z-loss penalty is defined on the untempered logits",
-            "label_smoothing": "the DRO loss replaces the (smoothed) cross-entropy",
-            "bias": "CE(o/τ) is the cce loss of h/τ only when o = W·h (with a bias, o/τ = W·h/τ + b/τ)",
-            "softcap": "a soft-capped score is not linear in h, so neither CE(o/τ) nor the network's "
-                       "input can be computed without the N × V scores"},
-    "hsm": {},
-}
-SCALE_INVARIANT = {"zloss": "the zloss head is scale-invariant (it standardizes its scores, so o/τ "
-                            "scores the same as o and τ would only rescale the loss): use softmax, cce or hsm"}
-
-
-def temperature_problems(head_type: str, options: dict) -> list[str]:
-    """Why ``head_type`` with these options cannot train with the temperature network (empty: it can)."""
-    if head_type in SCALE_INVARIANT:
-        return [f"temperature.enabled: {SCALE_INVARIANT[head_type]}"]
-    if head_type not in _CONFLICTS:
-        return [f"temperature.enabled: the {head_type} head has no temperature network; use softmax, cce or hsm"]
+def temperature_problems(cls: type[Head], options: dict) -> list[str]:
+    """Why the head ``cls`` with these options cannot train with the temperature network (empty: it
+    can), from what the head declares: support, scale invariance, conflicting options."""
+    if not cls.supports_temperature:
+        others = ", ".join(n for n in HEADS if head_class(n).supports_temperature)
+        why = (f"the {cls.name} head is scale-invariant (it standardizes its scores, so o/τ scores the same "
+               "as o and τ would only rescale the loss)" if cls.scale_invariant
+               else f"the {cls.name} head has no temperature network")
+        return [f"temperature.enabled: {why}: use {others}"]
     return [f"temperature.enabled: head.{key}={options[key]!r} cannot be used with the temperature network: {why}; "
             f"unset head.{key} or disable temperature"
-            for key, why in _CONFLICTS[head_type].items() if options.get(key)]
+            for key, why in cls.temperature_conflicts.items() if options.get(key)]
 
 
 def attach_temperature(head: nn.Module, *, width: int, tau_min: float, tau_max: float, rho: float,
                        dropout: float) -> TemperatureNet:
     """Give ``head`` its temperature network (its submodule ``temperature``); it must serve one."""
-    if not getattr(head, "supports_temperature", False):
-        raise ValueError(temperature_problems(head.name, {})[0])
-    problems = temperature_problems(head.name, head.options.model_dump())
+    problems = temperature_problems(type(head), head.options.model_dump())
     if problems:
         raise ValueError("; ".join(problems))
     head.temperature = TemperatureNet(head.temperature_features, width, tau_min, tau_max, rho, dropout)

@@ -221,6 +221,7 @@ class ZLossHead(Head):
     Options = ZLossOptions
     is_distribution = False
     supports_tying = True
+    scale_invariant = True
 
     def __init__(self, options: ZLossOptions, hidden_size: int, vocab_size: int):
         super().__init__(options, hidden_size, vocab_size)

@@ -1,0 +1,366 @@
+"""`llmtrain profile`: the memory of each head choice for a recipe, a preset or a bare shape —
+estimated per rank by component (profile/estimate.py), measured on this device
+(profile/measure.py), judged against a budget, written as JSON and plotted.
+
+The command is a plain function with Typer-annotated parameters; the CLI registers it with
+`app.command("profile")(user_errors(profile))`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmtrain.errors import UserError
+
+# The CCE paper's Table 1 (Wijmans et al. 2024; A100, bf16, 8,192 tokens × 256,000 × 2,304; its
+# "MB" are MiB: 1,161 MB = ∇W + ∇h in bf16): loss + gradient memory.
+CCE_TABLE1_MIB = {"softmax": (28_000, "eager loss + gradient"), "cce": (1_164, "CCE loss + gradient"),
+                  "lower bound": (1_161, "∇W + ∇h")}
+COMPONENTS = [("parameters", "params"), ("gradients", "grads"), ("optimizer_states", "optimizer"),
+              ("zero_buffers", "ZeRO buffers"), ("zero3_gathered", "ZeRO-3 gathered"),
+              ("activations", "activations"), ("head_transient", "head transient")]
+PLOT_VOCABS = [2**k for k in range(12, 22)]
+
+
+@dataclass
+class Target:
+    """What is profiled: a recipe (or preset), or a bare head shape (recipe is None)."""
+
+    label: str
+    tokens: int
+    vocab: int
+    hidden: int
+    precision: str
+    recipe: Any = None  # llmtrain.recipe.Recipe
+    world_size: int = 1
+
+
+def profile(
+    recipe_path: Optional[Path] = typer.Argument(None, metavar="[RECIPE]", help="recipe YAML file", show_default=False),
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value recipe overrides", show_default=False),
+    preset: Optional[str] = typer.Option(None, help="a published shape instead of a recipe: gemma2-2b, llama3-8b"),
+    tokens: Optional[int] = typer.Option(None, min=1, help="bare shape: tokens per step (with --vocab, --hidden)"),
+    vocab: Optional[int] = typer.Option(None, min=1, help="bare shape: vocabulary size"),
+    hidden: Optional[int] = typer.Option(None, min=1, help="bare shape: hidden size"),
+    dtype: Optional[str] = typer.Option(None, help="bare shape: fp32 or bf16 [default: bf16]"),
+    heads: Optional[str] = typer.Option(None, help="comma-separated heads to compare [default: every registered head]"),
+    world_size: Optional[int] = typer.Option(None, min=1, help="ranks [default: the recipe's launch.ranks_per_node × launch.nodes]"),
+    zero_stage: Optional[int] = typer.Option(None, min=0, max=3, help="ZeRO stage [default: the recipe's]"),
+    budget: Optional[str] = typer.Option(None, help="memory per rank, e.g. 80GB, 80GiB, 80e9: fits or not, and what would make it fit"),
+    measure: bool = typer.Option(True, "--measure/--no-measure", help="also measure on this device (fresh process per head)"),
+    snapshot: Optional[Path] = typer.Option(None, help="CUDA: dump the allocator history of each measured step into this folder"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write estimates and measurements to this JSON file"),
+    plot: Optional[Path] = typer.Option(None, help="write a PNG of head memory against vocabulary size"),
+):
+    """Memory of each head choice per rank: estimated by component for any shape, measured on this device.
+
+    Examples:
+
+      llmtrain profile recipes/tiny.yaml --budget 8GB
+
+      llmtrain profile --preset llama3-8b --world-size 8 --zero-stage 3 --budget 80GB --no-measure
+
+      llmtrain profile --tokens 8192 --vocab 256000 --hidden 2304 --dtype bf16 --plot heads.png
+    """
+    from llmtrain.profile.estimate import parse_budget, parse_heads
+
+    console = Console()
+    try:
+        budget_bytes = parse_budget(budget) if budget is not None else None
+        head_names = parse_heads(heads) if heads is not None else None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    target = _target(recipe_path, overrides or [], preset, tokens, vocab, hidden, dtype, world_size, zero_stage)
+    if snapshot is not None:
+        _check_snapshot(snapshot, measure)
+    report = build_report(target, head_names, budget_bytes, measure, snapshot, preset, budget)
+    render(console, report)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {json_path}")
+    if plot is not None:
+        write_plot(plot, target, list(report["heads"]), budget_bytes)
+        console.print(f"wrote {plot}")
+
+
+def _size(n: float) -> str:
+    from llmtrain.train.memory import format_bytes  # imports torch: only once there is something to print
+
+    return format_bytes(n)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _target(recipe_path, overrides, preset, tokens, vocab, hidden, dtype, world_size, zero_stage) -> Target:
+    from llmtrain.profile.estimate import PRECISION_DTYPES, PRESETS, recipe_with
+    from llmtrain.recipe import load_recipe, validate_recipe
+
+    shape_given = [name for name, v in (("--tokens", tokens), ("--vocab", vocab), ("--hidden", hidden),
+                                        ("--dtype", dtype)) if v is not None]
+    sources = [s for s, given in (("a recipe", recipe_path), ("--preset", preset), ("a shape", shape_given)) if given]
+    if len(sources) != 1:
+        raise UserError("give one of: a recipe file, --preset NAME (" + ", ".join(PRESETS) + "), or a shape "
+                        f"--tokens/--vocab/--hidden [--dtype]; got {' and '.join(sources) or 'none'}")
+    if shape_given:
+        missing = [n for n, v in (("--tokens", tokens), ("--vocab", vocab), ("--hidden", hidden)) if v is None]
+        if missing:
+            raise UserError(f"a bare shape needs --tokens, --vocab and --hidden; missing {', '.join(missing)}")
+        for flag, value in (("--tokens", tokens), ("--vocab", vocab), ("--hidden", hidden)):
+            if value < 1:
+                raise UserError(f"{flag} must be a positive integer, got {value}")
+        precision = dtype or "bf16"
+        if precision not in PRECISION_DTYPES:
+            raise UserError(f"--dtype {precision!r}: choose {' or '.join(PRECISION_DTYPES)}")
+        if world_size is not None or zero_stage is not None or overrides:
+            raise UserError("--world-size, --zero-stage and overrides apply to a recipe or --preset, not a bare shape")
+        return Target(f"{tokens} tokens × vocabulary {vocab} × hidden {hidden}, {precision}",
+                      tokens, vocab, hidden, precision)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"--preset {preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+        recipe = validate_recipe(PRESETS[preset], overrides, source=f"--preset {preset}")
+        label = f"preset {preset} (llmtrain's body at its sizes)"
+    else:
+        recipe = load_recipe(recipe_path, overrides)
+        label = f"recipe {recipe_path}"
+    if zero_stage is not None:
+        recipe = recipe_with(recipe, deepspeed={"zero_stage": zero_stage})
+    vocab_size = recipe_vocab(recipe)
+    return Target(label, recipe.train.micro_batch * recipe.model.seq_len, vocab_size, recipe.model.d_model,
+                  recipe.train.precision, recipe, world_size or recipe.world_size)
+
+
+def recipe_vocab(recipe) -> int:
+    """The vocabulary the model is built with: a given tokenizer file's, else the configured size."""
+    path = recipe.tokenizer.path
+    if path and Path(path).is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(path).get_vocab_size()
+    return recipe.tokenizer.vocab_size
+
+
+def _check_snapshot(folder: Path, measure: bool) -> None:
+    import torch
+
+    if not measure:
+        raise UserError("--snapshot records a measured step; drop --no-measure")
+    if not torch.cuda.is_available():
+        raise UserError("--snapshot records the CUDA allocator's history; this machine has no CUDA device")
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def build_report(target: Target, head_names, budget: int | None, measure: bool, snapshot: Path | None,
+                 preset: str | None, budget_text: str | None = None) -> dict[str, Any]:
+    """Everything `--json` writes: the target, and per head its estimate, verdict and measurement."""
+    from llmtrain.heads import HEADS, head_class
+    from llmtrain.profile.estimate import (deepspeed_model_states, estimate_head, estimate_recipe, fixes_for_recipe,
+                                       fixes_for_shape, recipe_with)
+
+    names = head_names or list(HEADS)
+    specs = {n: _spec_for(target, n) for n in names}
+    report: dict[str, Any] = {
+        "target": {"label": target.label, "tokens": target.tokens, "vocab": target.vocab, "hidden": target.hidden,
+                   "precision": target.precision, "world_size": target.world_size if target.recipe else None,
+                   "zero_stage": target.recipe.deepspeed.zero_stage if target.recipe else None},
+        "budget": budget_text or (_size(budget) if budget else None),
+        "budget_bytes": budget,
+        "heads": {},
+        "notes": [],
+    }
+    for name, spec in specs.items():
+        if target.recipe is not None:
+            recipe = recipe_with(target.recipe, head=spec)
+            if recipe.temperature.enabled and not head_class(name).supports_temperature:
+                recipe = recipe_with(recipe, temperature={"enabled": False})
+                report["notes"].append(f"{name}: estimated without the temperature network, which it cannot serve")
+            est = estimate_recipe(recipe, target.vocab, target.world_size)
+            fixes = fixes_for_recipe(recipe, target.vocab, target.world_size, budget) if budget and est.total > budget else []
+            ds = deepspeed_model_states(recipe, target.vocab, target.world_size)
+        else:
+            est = estimate_head(spec, target.tokens, target.hidden, target.vocab, target.precision)
+            fixes = (fixes_for_shape(spec, target.tokens, target.hidden, target.vocab, target.precision, budget)
+                     if budget and est.total > budget else [])
+            ds = None
+        entry: dict[str, Any] = {"spec": spec, "estimate": est.to_json()}
+        if est.params is not None:
+            entry["parameter_count"] = {"total": est.params.total, "head": est.params.head}
+        if ds is not None:
+            entry["deepspeed_estimator_model_states"] = ds
+        if budget:
+            entry["fits"] = est.total <= budget
+            entry["fixes"] = [{"change": f.change, "total": f.total} for f in fixes]
+        report["heads"][name] = entry
+        report["notes"] += [n for n in est.notes if n not in report["notes"]]
+    if measure:
+        measure_heads(report, target, specs, snapshot)
+    if preset == "gemma2-2b":
+        report["reference"] = {"source": "Wijmans et al. 2024, Cut Your Losses in Large-Vocabulary Language Models, Table 1",
+                               **{k: {"bytes": mib * 2**20, "what": what} for k, (mib, what) in CCE_TABLE1_MIB.items()}}
+    return report
+
+
+def _spec_for(target: Target, name: str) -> dict[str, Any]:
+    """The recipe's own head keeps its options; the others run with their defaults."""
+    if target.recipe is not None and target.recipe.head.type == name:
+        return target.recipe.head_spec()
+    return {"type": name}
+
+
+def measure_heads(report: dict, target: Target, specs: dict, snapshot: Path | None) -> None:
+    """Measure each head's forward + backward at the target's shape, and with a recipe one training
+    step, each head in its own fresh process; what the estimate says will not fit is skipped."""
+    from llmtrain.profile.measure import measure
+    from llmtrain.profile.estimate import estimate_head, estimate_recipe, recipe_with
+
+    if target.recipe is not None and target.recipe.temperature.enabled:
+        report["notes"].append("the measured training step runs without the temperature network")
+    for name, spec in specs.items():
+        entry = report["heads"][name]
+        jobs = [{"kind": "head", "head": spec, "tokens": target.tokens, "vocab": target.vocab,
+                 "hidden": target.hidden, "dtype": target.precision,
+                 "need": estimate_head(spec, target.tokens, target.hidden, target.vocab, target.precision).total,
+                 "snapshot": str(snapshot / f"{name}-head.pickle") if snapshot else None}]
+        compare = [{"estimate": "head_total", "bytes": entry["estimate"]["head_total"]}]
+        if target.recipe is not None:
+            # One process, so no partitioning: the estimate to compare with is ZeRO-0 on one rank.
+            # The measured step has no temperature network, and neither has its estimate.
+            one_rank = recipe_with(target.recipe, head=spec, temperature={"enabled": False}, deepspeed={
+                "zero_stage": 0, "offload_optimizer": "none", "offload_param": "none", "config": {}})
+            one_rank_total = estimate_recipe(one_rank, target.vocab, 1).total
+            jobs.append({"kind": "step", "recipe": one_rank.model_dump(mode="json"), "vocab": target.vocab,
+                         "need": one_rank_total, "snapshot": str(snapshot / f"{name}-step.pickle") if snapshot else None})
+            compare.append({"estimate": "total at world size 1, ZeRO-0 (one process, no partitioning)",
+                            "bytes": one_rank_total})
+        entry["measured"] = {}
+        for job, result, against in zip(jobs, measure(jobs), compare):
+            if "bytes" in result:
+                result["compare_with"] = against
+            entry["measured"]["head_forward_backward" if job["kind"] == "head" else "training_step"] = result
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def render(console: Console, report: dict) -> None:
+    heads = report["heads"]
+    budget = report["budget_bytes"]
+    console.print(f"[bold]Memory per rank[/]: {report['target']['label']}")
+    table = Table()
+    table.add_column("")
+    for name in heads:
+        table.add_column(name, justify="right")
+    for key, title in COMPONENTS:
+        if any(h["estimate"].get(key) for h in heads.values()):
+            table.add_row(title, *(_size(h["estimate"][key]) for h in heads.values()))
+    table.add_row("head total", *(_size(h["estimate"]["head_total"]) for h in heads.values()), end_section=True)
+    table.add_row("[bold]total / rank[/]", *(f"[bold]{_size(h['estimate']['total'])}[/]" for h in heads.values()))
+    if budget:
+        table.add_row(f"≤ {report['budget']}", *("[green]fits[/]" if h["fits"] else "[red]no[/]" for h in heads.values()))
+    for kind, title in (("head_forward_backward", "measured head"), ("training_step", "measured step")):
+        if any(kind in h.get("measured", {}) for h in heads.values()):
+            table.add_row(title, *(_measured_cell(h["measured"].get(kind, {})) for h in heads.values()))
+    console.print(table)
+    for note in report["notes"]:
+        console.print(f"  {note}")
+    counts = [f"{name} {h['parameter_count']['total'] / 1e6:,.1f}M ({h['parameter_count']['head'] / 1e6:,.1f}M in the head)"
+              for name, h in heads.items() if "parameter_count" in h]
+    if counts:
+        console.print("  parameters: " + ", ".join(counts))
+    if report["target"]["world_size"]:
+        console.print("  total = params + optimizer + ZeRO buffers + max(activations + head total + ZeRO-3 gathered, "
+                      "grads): the body's activations are freed as its gradients appear")
+    for name, h in heads.items():
+        if "deepspeed_estimator_model_states" in h:
+            ours = sum(h["estimate"][k] for k in ("parameters", "gradients", "optimizer_states", "zero3_gathered"))
+            console.print(f"  DeepSpeed's own estimator ({name}), model states only: "
+                          f"{_size(h['deepspeed_estimator_model_states'])} per rank; ours: {_size(ours)}")
+            break
+    methods = {m.get("method") for h in heads.values() for m in h.get("measured", {}).values() if "method" in m}
+    if "cpu-live-tensors" in methods:
+        console.print("  measured on CPU in a fresh process: peak live tensor bytes (MemTracker, as a GPU allocator "
+                      "counts them); the resident-set peak (VmHWM) is in the JSON as peak_rss_bytes")
+    elif methods:
+        console.print("  measured on CUDA in a fresh process: torch.cuda.max_memory_allocated growth")
+    if methods:
+        console.print("  (%): measured head vs head total; measured step (one process, ZeRO-0, world size 1, "
+                      "AdamW; bf16 with fp32 master weights) vs the estimate for that")
+    if "reference" in report:
+        _render_reference(console, report)
+    if budget:
+        _render_verdict(console, report)
+
+
+def _measured_cell(m: dict) -> str:
+    if "bytes" in m:
+        ratio = m["bytes"] / max(1, m["compare_with"]["bytes"]) - 1
+        return f"{_size(m['bytes'])} ({ratio:+.1%})"
+    return "[dim]" + ("skipped: too big here" if "skipped" in m else m.get("error", "—"))[:40] + "[/]"
+
+
+def _render_reference(console: Console, report: dict) -> None:
+    table = Table(title="Beside the CCE paper's Table 1 (A100, bf16; loss + gradient)", title_justify="left")
+    for col in ("", "paper", "ours (head total)", "ratio"):
+        table.add_column(col, justify="right" if col else "left")
+    t = report["target"]
+    b = 2 if t["precision"] == "bf16" else 4
+    lower_bound = (t["vocab"] + t["tokens"]) * t["hidden"] * b  # ∇W + ∇h at this shape
+    for key, ref in report["reference"].items():
+        if not isinstance(ref, dict):
+            continue
+        ours = lower_bound if key == "lower bound" else report["heads"].get(key, {}).get("estimate", {}).get("head_total")
+        table.add_row(f"{key}: {ref['what']}", f"{ref['bytes'] / 2**20:,.0f} MiB",
+                      f"{ours / 2**20:,.0f} MiB" if ours else "—", f"{ours / ref['bytes']:.2f}×" if ours else "")
+    console.print(table)
+
+
+def _render_verdict(console: Console, report: dict) -> None:
+    target = report["target"]
+    where = (f"{target['world_size']} × {report['budget']} with ZeRO-{target['zero_stage']}"
+             if target["world_size"] else report["budget"])
+    fitting = [n for n, h in report["heads"].items() if h["fits"]]
+    console.print(f"[bold]Fits on {where}:[/] " + (", ".join(fitting) if fitting else "[red]no head[/]"))
+    for name, h in report["heads"].items():
+        if not h["fits"]:
+            options = " · ".join(f"{f['change']} ({_size(f['total'])})" for f in h["fixes"])
+            console.print(f"  {name} needs {_size(h['estimate']['total'])}; "
+                          + (f"fits with: {options}" if options else "no single change found that makes it fit"))
+
+
+def write_plot(path: Path, target: Target, names: list[str], budget: int | None) -> None:
+    """Head memory (head total) against vocabulary size, at the target's tokens and hidden size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmtrain.profile.estimate import estimate_head
+
+    vocabs = sorted(set(PLOT_VOCABS) | {target.vocab})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        spec = _spec_for(target, name)
+        ax.plot(vocabs, [estimate_head(spec, target.tokens, target.hidden, v, target.precision).head_total / 2**30
+                         for v in vocabs], marker="o", markersize=3, label=name)
+    if budget:
+        ax.axhline(budget / 2**30, color="crimson", linestyle="--", label=f"budget {_size(budget)}")
+    ax.axvline(target.vocab, color="grey", linestyle=":", linewidth=1)
+    ax.set(xscale="log", yscale="log", xlabel="vocabulary size", ylabel="head forward + backward (GiB)",
+           title=f"{target.tokens} tokens × hidden {target.hidden}, {target.precision}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,96 @@
+"""Where rank 0's numbers go: metrics.jsonl (one JSON object per record), TensorBoard when it is
+installed, and the console — a rich live view on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from llmtrain.train.memory import format_bytes
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop records past `step`: a resumed run re-logs the steps after its checkpoint."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsSink:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, live: bool | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        truncate_after(self.path, start_step)
+        self.file = self.path.open("a")
+        self.console = Console(stderr=False)
+        self.live = sys.stdout.isatty() if live is None else live
+        self.total = total_steps
+        self.tb = _tensorboard(run_dir / "tb")
+        self.progress = None
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=self.console, refresh_per_second=4,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
+            self.progress.start()
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        if self.tb:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+        line = _summary(record)
+        if self.progress:
+            if "loss" in record:
+                self.progress.update(self.task, completed=step, stats=line)
+            else:
+                self.progress.console.print(f"[cyan]eval[/] step {step}: {line}")
+        else:
+            print(f"{'eval ' if 'loss' not in record else ''}step {step}/{self.total} {line}", flush=True)
+
+    def message(self, text: str) -> None:
+        (self.progress.console if self.progress else self.console).print(text)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+        if self.tb:
+            self.tb.close()
+        self.file.close()
+
+
+def _summary(r: dict[str, Any]) -> str:
+    parts = []
+    for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("val_ppl", "ppl {:.2f}"),
+                     ("val_bpb", "bpb {:.3f}"), ("val_top1", "top1 {:.3f}"), ("val_top5", "top5 {:.3f}"),
+                     ("lr", "lr {:.2e}"), ("tokens_per_s", "{:,.0f} tok/s")):
+        if key in r:
+            parts.append(fmt.format(r[key]))
+    for prefix in ("", "val_"):  # the temperature network's τ: mean [min, max]
+        if f"{prefix}tau_mean" in r:
+            parts.append(f"τ {r[prefix + 'tau_mean']:.2f} [{r[prefix + 'tau_min']:.2f}, {r[prefix + 'tau_max']:.2f}]")
+    if "val_ppl_tau" in r:
+        parts.append(f"ppl@τ {r['val_ppl_tau']:.2f}")
+    if "peak_mem_bytes" in r:
+        parts.append(f"mem {format_bytes(r['peak_mem_bytes'])}")
+    return "  ".join(parts)
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(path))
