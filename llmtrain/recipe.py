@@ -58,11 +58,14 @@ class ModelConfig(Section):
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
     init_std: float = Field(0.02, gt=0, description="std of the normal init of linear and embedding weights")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block's activations in the backward pass instead of keeping them: "
+        "less memory, about one more forward of compute (our body and Hugging Face bodies)")
 
     def identity(self) -> dict[str, Any]:
-        """What a checkpoint of this model must match; `hf` only when set, so checkpoints from
-        before it existed still match."""
-        return self.model_dump(exclude={"hf"} if self.hf is None else set())
+        """What a checkpoint of this model must match: not activation checkpointing (the same
+        weights and math); `hf` only when set, so checkpoints from before it existed still match."""
+        return self.model_dump(exclude={"activation_checkpointing", *(["hf"] if self.hf is None else [])})
 
     @model_validator(mode="after")
     def _heads_divide(self):
