@@ -89,6 +89,9 @@ def read_hf_folder(path: str | Path, key: str = "model.hf") -> HFFolder:
     name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     if getattr(config, "is_encoder_decoder", False):
         raise UserError(f"{key}: {name} is an encoder-decoder model; llmtrain trains decoder-only language models")
+    if getattr(config, "is_decoder", True) is False:  # only encoder-capable configs carry the flag
+        raise UserError(f"{key}: {name} ({model_type}) is an encoder (is_decoder is false: its attention sees the "
+                        "whole sequence); llmtrain trains decoder-only language models")
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"{key}: {name} ({model_type}) has no causal-LM model in transformers; llmtrain needs a "
                         "decoder-only model whose base model returns hidden states")

@@ -12,6 +12,9 @@ from llmtrain.heads import Head, HeadOutput, build_head, head_class
 from llmtrain.model.decoder import Body
 from llmtrain.recipe import ModelConfig
 
+# Sampling: how often a row that drew a padding id draws again before it falls back to greedy.
+REDRAWS = 32
+
 
 class LanguageModel(nn.Module):
     """``vocab_size`` is the tokenizer's: every id the data holds. A Hugging Face model keeps its
@@ -63,10 +66,16 @@ class LanguageModel(nn.Module):
     def sample(self, hidden: torch.Tensor, temperature: float | str = 1.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """A draw from the head's distribution restricted to real tokens: padding draws are drawn
-        again (exact for the conditional distribution; padding has little mass)."""
+        again, which is exact for that conditional distribution. Padding rows hold little mass; a
+        row still drawing padding after REDRAWS tries gets its most likely real token."""
         ids = self.head.sample(hidden, temperature=temperature, generator=generator)
-        while (bad := ids >= self.predictable_vocab).any():
+        for _ in range(REDRAWS):
+            bad = ids >= self.predictable_vocab
+            if not bad.any():
+                return ids
             ids[bad] = self.head.sample(hidden[bad], temperature=temperature, generator=generator)
+        bad = ids >= self.predictable_vocab
+        ids[bad] = self.topk(hidden[bad], 1)[:, 0]
         return ids
 
 
