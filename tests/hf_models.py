@@ -21,8 +21,10 @@ def tiny_config(family: str, vocab_size: int = 300, **overrides):
     return cls(**{**shape, **options, **overrides})
 
 
-def save_tiny_model(folder: Path, family: str, weights: bool = True, seed: int = 0, **overrides) -> Path:
-    """A model folder: config.json, and model.safetensors unless `weights` is false."""
+def save_tiny_model(folder: Path, family: str, weights: bool = True, seed: int = 0, max_shard_size: str = "5GB",
+                    **overrides) -> Path:
+    """A model folder: config.json, and safetensors weights (in shards of `max_shard_size`) unless
+    `weights` is false."""
     transformers.utils.logging.disable_progress_bar()
     config = tiny_config(family, **overrides)
     if weights:
@@ -30,7 +32,7 @@ def save_tiny_model(folder: Path, family: str, weights: bool = True, seed: int =
         model = transformers.AutoModelForCausalLM.from_config(config)
         with torch.no_grad():  # an lm_head unlike a fresh init, so that taking it over is visible
             model.get_output_embeddings().weight.normal_(0, 0.5)
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
     else:
         config.save_pretrained(folder)
     return folder

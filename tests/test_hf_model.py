@@ -81,8 +81,10 @@ def test_the_head_takes_lm_head_and_tying_survives(family):
         assert zloss.head.weight is zloss.body.embed.weight
         assert torch.equal(zloss.head.weight, ref.get_input_embeddings().weight)  # the trained embedding kept
     else:
-        hsm = ours(recipe_for(folder, "hsm"))
+        hsm = LanguageModel(recipe_for(folder).model, {"type": "hsm"}, VOCAB - 20)  # a padded embedding
         assert hsm.head.hidden_size == 64 and torch.equal(hsm.body.embed.weight, ref.get_input_embeddings().weight)
+        assert hsm.head.vocab_size == VOCAB - 20 and hsm.padding == 0  # the tokenizer's ids, no padding rows
+        hsm.head.prepare(torch.arange(VOCAB - 20) + 1)  # clusters from the data's counts of those ids
 
 
 def test_config_only_folder_initializes_from_the_config(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ class HFFolder:
 
 
 def _quiet_transformers():
+    if not torch.cuda.is_available():  # transformers imports DeepSpeed, which then announces its CPU pick
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # weight-init notices are for interactive use

@@ -27,7 +27,7 @@ class LanguageModel(nn.Module):
         self.seq_len = cfg.seq_len
         self.predictable_vocab = vocab_size
         if cfg.hf:
-            self.body, self.head = _hf_body_and_head(cfg, head_spec, load_weights)
+            self.body, self.head = _hf_body_and_head(cfg, head_spec, vocab_size, load_weights)
             return
         self.body = Body(cfg, vocab_size)
         self.head: Head = build_head(head_spec, hidden_size=cfg.d_model, vocab_size=vocab_size)
@@ -79,9 +79,11 @@ class LanguageModel(nn.Module):
         return ids
 
 
-def _hf_body_and_head(cfg: ModelConfig, head_spec: dict, load_weights: bool) -> tuple[nn.Module, Head]:
+def _hf_body_and_head(cfg: ModelConfig, head_spec: dict, vocab_size: int, load_weights: bool) -> tuple[nn.Module, Head]:
     """The base model of `cfg.hf` as the body; the head takes the lm_head's weight (and bias) when
-    it is a linear lm_head, else starts fresh at the body's hidden size."""
+    it is a linear lm_head, else starts fresh at the body's hidden size: over the tokenizer's
+    `vocab_size` (no padding rows; hsm clusters the data's counts of exactly those ids), or over
+    the embedding's rows when it shares them."""
     from llmtrain.model.hf import HFBody, build_causal_lm, read_hf_folder
 
     hf = read_hf_folder(cfg.hf)
@@ -90,7 +92,7 @@ def _hf_body_and_head(cfg: ModelConfig, head_spec: dict, load_weights: bool) -> 
     lm_head = lm.get_output_embeddings()
     hidden, vocab = int(hf.config.hidden_size), hf.vocab_size
     if not head_class(head_spec.get("type", "softmax")).linear_lm_head:
-        head = build_head(head_spec, hidden_size=hidden, vocab_size=vocab)
+        head = build_head(head_spec, hidden_size=hidden, vocab_size=vocab if cfg.tie_embeddings else vocab_size)
         if cfg.tie_embeddings:  # the head shares the trained embedding, not the other way round
             head.weight = body.embed.weight
         return body, head

@@ -61,6 +61,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def build_model(recipe: Recipe, vocab_size: int, ds_config: dict, load_weights: bool = True) -> LanguageModel:
+    """The recipe's model with the same initial weights on every rank. A Hugging Face body under
+    ZeRO-3 is built partitioned (deepspeed.zero.Init) with the weights loaded into the partitions:
+    transformers does that while a HfDeepSpeedConfig of the engine's config is alive, and asks again
+    later (it holds it weakly), so the model keeps it."""
+    keep = None
+    if recipe.model.hf and recipe.deepspeed.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(ds_config)
+    torch.manual_seed(recipe.train.seed)
+    model = LanguageModel(recipe.model, recipe.head_spec(), vocab_size, load_weights=load_weights)
+    model.hf_deepspeed_config = keep
+    return model
+
+
 class StopFlag:
     """Set by a stop signal; ranks agree on it at step boundaries so all of them save together."""
 
@@ -102,15 +118,8 @@ class Worker:
         self.device = torch.device(deepspeed.get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
         ds_config = deepspeed_config(r, self.world, load_universal=checkpoint is not None and is_universal(checkpoint))
-        if r.model.hf and r.deepspeed.zero_stage == 3:
-            # Alive while the model is built: transformers then builds it partitioned
-            # (deepspeed.zero.Init) and loads the weights shard by shard.
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_deepspeed = HfDeepSpeedConfig(ds_config)
-        torch.manual_seed(r.train.seed)  # identical initial weights on every rank
         # On resume the checkpoint holds the weights: a Hugging Face folder's are not read again.
-        model = LanguageModel(r.model, r.head_spec(), self.data.vocab_size, load_weights=checkpoint is None)
+        model = build_model(r, self.data.vocab_size, ds_config, load_weights=checkpoint is None)
         model.head.prepare(torch.from_numpy(np.load(self.data.counts_path)))
         if r.temperature.enabled:
             self._add_temperature(model, resume)

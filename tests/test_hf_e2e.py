@@ -1,0 +1,137 @@
+"""A Hugging Face body (tiny Qwen2, tied, with weights) through `llmtrain run` on 2 real DeepSpeed
+ranks: the first loss is transformers' own, every ZeRO stage trains the same trajectory, resume
+is exact, a universal checkpoint moves it to 1 rank, and the export is a Qwen2 folder again."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+
+from conftest import MICRO_STEPS, TESTS, checkout_env, free_port, llmtrain, records
+from hf_models import save_tiny_model
+
+pytestmark = pytest.mark.slow
+
+STEPS = MICRO_STEPS
+
+
+def by_step(run: Path, key="loss"):
+    return {r["step"]: r[key] for r in records(run, key)}
+
+
+@pytest.fixture(scope="module")
+def hf_recipe(recipe, tmp_path_factory):
+    """The e2e recipe (tests/conftest.py) with the body replaced by a Qwen2 folder."""
+    base = tmp_path_factory.mktemp("hf")
+    folder = save_tiny_model(base / "qwen2", "qwen2", vocab_size=512)
+    body = yaml.safe_load(recipe.read_text())
+    body["model"] = {"hf": str(folder), "seq_len": body["model"]["seq_len"]}
+    body["tokenizer"].pop("vocab_size")  # the config's vocabulary
+    path = base / "hf.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(hf_recipe, tmp_path_factory):
+    run = tmp_path_factory.mktemp("hf-ref") / "run"
+    llmtrain("run", hf_recipe, "--out", run)
+    return run
+
+
+def assert_same_trajectory(run: Path, reference: Path, steps, rel=1e-6):
+    """Equal up to the order of floating-point reductions (seen: ≤ 2e-7 relative)."""
+    ours, ref = by_step(run), by_step(reference)
+    assert sorted(ours) == list(steps)
+    for step in steps:
+        assert ours[step] == pytest.approx(ref[step], rel=rel), step
+
+
+def test_first_loss_is_transformers_loss_on_the_same_batches(reference):
+    from llmtrain.data.packing import load_split
+    from llmtrain.data.prepare import PreparedData
+    from llmtrain.data.sampler import ResumableSampler
+
+    resolved = yaml.safe_load((reference / "recipe.resolved.yaml").read_text())
+    assert resolved["model"]["tie_embeddings"] is True and resolved["model"]["d_model"] == 64
+    data = PreparedData.from_json((reference / "data.json").read_text())
+    blocks = load_split(data.train_path)
+    t = resolved["train"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(resolved["model"]["hf"], local_files_only=True)
+    with torch.no_grad():
+        losses = [hf(input_ids=(b := blocks[ResumableSampler(len(blocks), t["micro_batch"], rank, 2, t["seed"])
+                                            .next_indices()]), labels=b).loss.item() for rank in range(2)]
+    assert by_step(reference)[1] == pytest.approx(sum(losses) / 2, rel=1e-5)
+    assert by_step(reference)[STEPS] < by_step(reference)[1]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_every_zero_stage_trains_the_same_trajectory(hf_recipe, reference, tmp_path, stage):
+    run = tmp_path / f"z{stage}"
+    llmtrain("run", hf_recipe, "--out", run, f"deepspeed.zero_stage={stage}")
+    assert_same_trajectory(run, reference, range(1, STEPS + 1))
+
+
+def test_zero3_resume_is_bit_exact(hf_recipe, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    llmtrain("run", hf_recipe, "--out", straight, "deepspeed.zero_stage=3", "checkpoint.every=100")
+    llmtrain("run", hf_recipe, "--out", split, "deepspeed.zero_stage=3", "checkpoint.every=100", "--stop-after", 3)
+    resumed = llmtrain("run", hf_recipe, "--out", split, "--resume", "auto", "deepspeed.zero_stage=3",
+                       "checkpoint.every=100")
+    assert "(step 3, saved by 2 ranks)" in resumed.stderr
+    assert by_step(split) == by_step(straight)
+
+
+def test_universal_checkpoint_continues_on_one_rank(hf_recipe, reference, tmp_path):
+    run = tmp_path / "one-rank"
+    llmtrain("run", hf_recipe, "--out", run, "--resume", reference / "checkpoints" / "step00000004",
+             "launch.ranks_per_node=1", "train.grad_accum=2")
+    assert_same_trajectory(run, reference, range(5, STEPS + 1))
+
+
+def test_export_is_the_original_architecture_with_our_logits(reference, tmp_path):
+    from llmtrain.export import load_exported
+
+    out = tmp_path / "export"
+    llmtrain("export", reference, "--out", out)
+    config = json.loads((out / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["tie_word_embeddings"] is True
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", local_files_only=True)
+    ours = load_exported(out)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = ours.body(ids).flatten(0, 1)
+        logits = torch.nn.functional.linear(hidden, ours.head.weight)
+        torch.testing.assert_close(hf(input_ids=ids).logits.flatten(0, 1), logits, rtol=1e-5, atol=1e-5)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf")
+    assert tokenizer("def main():").input_ids  # the run's tokenizer, loadable beside the weights
+
+
+def test_zero3_builds_the_model_partitioned_below_its_full_size(tmp_path):
+    """Under ZeRO-3 each rank builds the model partitioned (deepspeed.zero.Init) and the weights are
+    loaded into the partitions: no rank ever holds the whole fp32 model in its own memory, so a
+    model larger than a rank's memory can start. The weights arrive intact: the first loss is
+    transformers' on the same ids."""
+    folder = save_tiny_model(tmp_path / "big", "llama", vocab_size=8000, hidden_size=512, intermediate_size=2048,
+                             num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=8, max_shard_size="40MB")
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(TESTS / "hf_zero3_start.py"), str(folder)]
+    env = {**checkout_env(), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no result ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    result = json.loads(lines[0][len("RESULT "):])
+    assert result["weights_bytes"] > 250e6 and result["partitioned"]
+    # seen: 0.75 of the full weights (half of them, plus the layer being loaded and the reads)
+    assert result["max_peak_anonymous_bytes"] < 0.85 * result["weights_bytes"], result
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    ids = torch.randint(0, 8000, (1, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(input_ids=ids, labels=ids).loss.item()
+    assert result["first_loss"] == pytest.approx(expected, rel=1e-5)
