@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from llmtrain.model.decoder import ffn_size
 from llmtrain.recipe import load_recipe
+from trainer_overhead import llmtrain_run as tokens_per_s  # the same measurement of a run
 
 
 def llama_folder(recipe, vocab_size: int, folder: Path) -> Path:
@@ -34,16 +33,6 @@ def llama_folder(recipe, vocab_size: int, folder: Path) -> Path:
         rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
         initializer_range=m.init_std, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
     return folder
-
-
-def tokens_per_s(recipe_path: str, steps: int, warmup: int, overrides: list[str]) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "llmtrain.cli", "run", recipe_path, "--out", str(out), f"train.steps={steps}",
-               "train.log_every=5", f"eval.every={steps * 10}", f"checkpoint.every={steps * 10}", *overrides]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return statistics.median(r["tokens_per_s"] for r in recs if "loss" in r and r["step"] > warmup)
 
 
 def main():

@@ -47,7 +47,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # paths stay whole
             raise typer.Exit(UserError.exit_code) from None
 
     return wrapper

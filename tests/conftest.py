@@ -51,6 +51,11 @@ def records(run: Path, key="loss") -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
+def by_step(run: Path, key="loss") -> dict:
+    """{step: value} of a run's metrics.jsonl records that have `key`."""
+    return {r["step"]: r[key] for r in records(run, key)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,15 +13,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import MICRO_STEPS, ROOT, checkout_env, free_port, llmtrain, records
+from conftest import MICRO_STEPS, ROOT, by_step, checkout_env, free_port, llmtrain, records
 
 pytestmark = pytest.mark.slow
 
 STEPS = MICRO_STEPS
-
-
-def by_step(run: Path, key="loss"):
-    return {r["step"]: r[key] for r in records(run, key)}
 
 
 @pytest.fixture(scope="module")

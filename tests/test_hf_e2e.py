@@ -12,16 +12,12 @@ import torch
 import transformers
 import yaml
 
-from conftest import MICRO_STEPS, TESTS, checkout_env, free_port, llmtrain, records
+from conftest import MICRO_STEPS, TESTS, by_step, checkout_env, free_port, llmtrain
 from hf_models import save_tiny_model
 
 pytestmark = pytest.mark.slow
 
 STEPS = MICRO_STEPS
-
-
-def by_step(run: Path, key="loss"):
-    return {r["step"]: r[key] for r in records(run, key)}
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +104,11 @@ def test_export_is_the_original_architecture_with_our_logits(reference, tmp_path
         hidden = ours.body(ids).flatten(0, 1)
         logits = torch.nn.functional.linear(hidden, ours.head.weight)
         torch.testing.assert_close(hf(input_ids=ids).logits.flatten(0, 1), logits, rtol=1e-5, atol=1e-5)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf")
-    assert tokenizer("def main():").input_ids  # the run's tokenizer, loadable beside the weights
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf")  # the run's, beside the weights
+    prompt = tokenizer("def main():", return_tensors="pt").input_ids
+    greedy = hf.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    generated = llmtrain("generate", reference, "--prompt", "def main():", "--max-new-tokens", 6, "--temperature", 0)
+    assert generated.stdout.rstrip("\n") == tokenizer.decode(greedy[0])  # greedy decoding agrees with transformers
 
 
 def test_zero3_builds_the_model_partitioned_below_its_full_size(tmp_path):
@@ -135,3 +134,29 @@ def test_zero3_builds_the_model_partitioned_below_its_full_size(tmp_path):
     with torch.no_grad():
         expected = hf(input_ids=ids, labels=ids).loss.item()
     assert result["first_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_model_folders_exit_2_before_anything_starts(hf_recipe, tmp_path):
+    folder = Path(yaml.safe_load(hf_recipe.read_text())["model"]["hf"])
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "config.json").write_bytes((folder / "config.json").read_bytes())
+    data = (folder / "model.safetensors").read_bytes()
+    (torn / "model.safetensors").write_bytes(data[: len(data) // 3])
+    big_tokenizer = tmp_path / "tokenizer.json"
+    from llmtrain.data.tokenizer import train_tokenizer
+
+    train_tokenizer([" ".join(f"w{i}" for i in range(2000))] * 3, 700, min_frequency=1).save(str(big_tokenizer))
+    cases = {
+        "missing": (["model.hf=/nonexistent/model"], "model.hf: /nonexistent/model is not a folder"),
+        "torn": ([f"model.hf={torn}"], "model.safetensors is not a readable safetensors file"),
+        "tokenizer": ([f"tokenizer.path={big_tokenizer}"], "tokenizer.vocab_size: 512 is smaller than the tokenizer"),
+        "override": (["model.d_model=128"], "model.d_model: 128, but"),
+    }
+    for name, (overrides, message) in cases.items():
+        out = tmp_path / f"run-{name}"
+        proc = llmtrain("run", hf_recipe, *overrides, "--out", out, check=False, timeout=120)
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        said = " ".join(proc.stderr.split())  # rich wraps long lines
+        assert message in said and "Traceback" not in said, (name, proc.stderr[-2000:])
+        assert not out.exists(), name  # nothing started, no run folder
