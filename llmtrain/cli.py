@@ -17,6 +17,8 @@ app = typer.Typer(
     help="Train large-vocabulary decoder-only LMs under DeepSpeed ZeRO with a swappable output head.\n\n"
     "Examples:\n\n"
     "  llmtrain run recipes/tiny.yaml\n\n"
+    "  llmtrain run recipes/hf-tiny-qwen2.yaml\n\n"
+    "  llmtrain run recipes/continue-pretraining.yaml model.hf=/models/Qwen2.5-0.5B head.type=cce\n\n"
     "  llmtrain run recipes/tiny.yaml train.steps=200 deepspeed.zero_stage=3 --out runs/z3\n\n"
     "  llmtrain run recipes/tiny.yaml --out runs/z3 --resume auto\n\n"
     "  llmtrain recipe check recipes/tiny.yaml head.type=cce\n\n"
@@ -239,11 +241,12 @@ def export(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="run folder (or one of its checkpoints)"),
     out: Path = typer.Option(..., "--out", "-o", help="new folder for the export (must not exist or be empty)"),
 ):
-    """Export a run's weights (safetensors), tokenizer and recipe; a Hugging Face Llama folder too.
+    """Export a run's weights (safetensors), tokenizer and recipe; a Hugging Face folder too.
 
     Consolidates the newest complete checkpoint (DeepSpeed's zero_to_fp32, fp32 weights) into
     model.safetensors with tokenizer.json and the resolved recipe; for the softmax and cce heads
-    also hf/, which transformers' LlamaForCausalLM loads with the same logits."""
+    also hf/, which transformers' AutoModelForCausalLM loads with the same logits: Llama for our
+    own body, the original architecture (config, weights, tokenizer files) for a model.hf run."""
     from llmtrain.export import export_run
 
     written = export_run(run_dir, out, log=err.print)

@@ -24,6 +24,7 @@ small [chunk, D] operands instead of the [chunk, V] tile.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -332,11 +333,10 @@ def _eval_scores(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 @contextlib.contextmanager
 def _weight_available(weight: torch.Tensor):
     """Under ZeRO-3 a partitioned parameter outside its module's forward holds a 0-element
-    0-element stand-in; gather it for the duration. A no-op without DeepSpeed."""
+    stand-in; gather it for the duration. Heads import no DeepSpeed: a parameter with a ds_id was
+    made by DeepSpeed, which is therefore loaded, and its gathering context is taken from there."""
     if weight.numel() == 0 and hasattr(weight, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([weight]):
+        with sys.modules["deepspeed"].zero.GatheredParameters([weight]):
             yield
     else:
         yield
