@@ -35,7 +35,7 @@ def build(body: str, checkpointing: bool, hf_folders, layers: int = 2) -> Langua
     else:
         cfg = ModelConfig(hf=str(hf_folders(layers)), seq_len=T, activation_checkpointing=checkpointing)
     torch.manual_seed(0)
-    return LanguageModel(cfg, {"type": "softmax"}, vocab_size=VOCAB).train()
+    return LanguageModel(cfg, {"type": "softmax"}, vocab_size=VOCAB)  # as the worker builds it
 
 
 def blocks(model: LanguageModel):
