@@ -25,8 +25,8 @@ if os.environ.get("RECOMPUTE_PROBE") and "llmtrain.train" in getattr(sys, "orig_
         modules = [next(m for m in block.modules() if any(True for _ in m.parameters(recurse=False))) for block in blocks]
         weights = [next(m.parameters(recurse=False)) for m in modules]
         for i, module in enumerate(modules):
-            def forward(*args, _forward=module.forward, _block=i, **kwargs):
-                if torch.is_grad_enabled():  # training steps, not evaluation
+            def forward(*args, _module=module, _forward=module.forward, _block=i, **kwargs):
+                if _module.training:  # training steps, not evaluation (model.eval())
                     out.write(json.dumps({"block": _block, "backward": torch._C._current_graph_task_id() != -1,
                                           "whole": [_whole(w) for w in weights]}) + "\n")
                 return _forward(*args, **kwargs)
