@@ -37,10 +37,11 @@ def recipe(tmp_path_factory):
     return path
 
 
-def llmtrain(*args, timeout=300, check=True) -> subprocess.CompletedProcess:
-    """`llmtrain ARGS` in a subprocess; a non-zero exit fails the test unless check=False."""
+def llmtrain(*args, timeout=300, check=True, env=None) -> subprocess.CompletedProcess:
+    """`llmtrain ARGS` in a subprocess; a non-zero exit fails the test unless check=False. `env`
+    adds to checkout_env()."""
     proc = subprocess.run([sys.executable, "-m", "llmtrain.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=checkout_env())
+                          timeout=timeout, cwd=ROOT, env={**checkout_env(), **(env or {})})
     if check and proc.returncode != 0:
         pytest.fail(f"llmtrain {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llmtrain.recipe import ModelConfig
 
@@ -92,11 +93,16 @@ class Body(nn.Module):
         cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_heads // 2 * 2, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         T = ids.shape[1]
         x = self.embed(ids)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        # Only when a backward will follow: eval and no_grad runs keep nothing to recompute.
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin)
+            # Non-reentrant: it reruns block(...) as a module call, so ZeRO-3's forward hooks gather
+            # the block's partitioned weights again for the recomputation inside backward.
+            x = checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin)
         return self.norm(x)

@@ -88,7 +88,14 @@ def _hf_body_and_head(cfg: ModelConfig, head_spec: dict, vocab_size: int, load_w
 
     hf = read_hf_folder(cfg.hf)
     lm = build_causal_lm(hf, load_weights)
-    body = HFBody(getattr(lm, lm.base_model_prefix))
+    # from_pretrained returns the model in eval mode; a body starts in training mode like ours, or
+    # dropout and activation checkpointing stay off until the first evaluation calls train().
+    body = HFBody(getattr(lm, lm.base_model_prefix)).train()
+    if cfg.activation_checkpointing:
+        # transformers' own per-layer checkpointing (the base model's decoder layers), active only
+        # in training mode with gradients on, like ours. Non-reentrant: see decoder.Body.forward.
+        # (gradient_checkpointing_enable is the deprecated alias in transformers 5.)
+        body.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lm_head = lm.get_output_embeddings()
     hidden, vocab = int(hf.config.hidden_size), hf.vocab_size
     if not head_class(head_spec.get("type", "softmax")).linear_lm_head:
