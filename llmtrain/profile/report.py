@@ -25,7 +25,8 @@ CCE_TABLE1_MIB = {"softmax": (28_000, "eager loss + gradient"), "cce": (1_164, "
                   "lower bound": (1_161, "∇W + ∇h")}
 COMPONENTS = [("parameters", "params"), ("gradients", "grads"), ("optimizer_states", "optimizer"),
               ("zero_buffers", "ZeRO buffers"), ("zero3_gathered", "ZeRO-3 gathered"),
-              ("activations", "activations"), ("head_transient", "head transient")]
+              ("activations", "activations"), ("recomputed", "recomputed layer"),
+              ("layer_backward", "layer backward"), ("head_transient", "head transient")]
 PLOT_VOCABS = [2**k for k in range(12, 22)]
 
 
@@ -320,8 +321,10 @@ def render(console: Console, report: dict) -> None:
     if counts:
         console.print("  parameters: " + ", ".join(counts))
     if report["target"]["world_size"]:
-        console.print("  total = params + optimizer + ZeRO buffers + max(activations + head total + ZeRO-3 gathered, "
-                      "grads): the body's activations are freed as its gradients appear")
+        console.print("  total = params + optimizer + ZeRO buffers + max(working, grads), working = activations + "
+                      "ZeRO-3 gathered + max(head total, head weight grads + recomputed layer + layer backward): "
+                      "the head's transient memory is freed before the body's backward, the body's activations "
+                      "as its gradients appear")
     for name, h in heads.items():
         if "deepspeed_estimator_model_states" in h:
             ours = sum(h["estimate"][k] for k in ("parameters", "gradients", "optimizer_states", "zero3_gathered"))
@@ -351,7 +354,11 @@ def _measured_cell(m: dict) -> str:
 
 
 def _render_reference(console: Console, report: dict) -> None:
-    table = Table(title="Beside the CCE paper's Table 1 (A100, bf16; loss + gradient)", title_justify="left")
+    cap = report["heads"].get("softmax", {}).get("spec", {}).get("softcap")
+    title = "Beside the CCE paper's Table 1 (A100, bf16; loss + gradient)" + (
+        f"; ours with the model's final-logit softcap {cap:g} (one more fp32 tokens × vocab buffer in softmax)"
+        if cap else "")
+    table = Table(title=title, title_justify="left")
     for col in ("", "paper", "ours (head total)", "ratio"):
         table.add_column(col, justify="right" if col else "left")
     t = report["target"]
