@@ -109,7 +109,8 @@ def test_presets_are_the_published_architectures(name, published):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_saved_activations_are_what_autograd_saves(tmp_path, family, precision):
     """The activation model against every tensor autograd keeps for backward in transformers'
-    base model, plus the hidden states the head keeps (its input)."""
+    base model, plus the hidden states the head keeps (its input). Within 0.5%: what it leaves
+    out (Gemma's per-norm weight copies) is a few kB; a dropped per-token term is more."""
     recipe = hf_recipe(tiny_folder(tmp_path, family, intermediate_size=192, num_attention_heads=8),
                        f"train.precision={precision}", "model.seq_len=128", "train.micro_batch=2")
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
@@ -128,14 +129,16 @@ def test_saved_activations_are_what_autograd_saves(tmp_path, family, precision):
     measured = sum(saved.values()) + hidden.untyped_storage().nbytes()
     estimated = activation_bytes(recipe.model, 2, precision)
     assert estimated.recomputed == 0
-    assert abs(estimated.saved / measured - 1) < 0.02, (estimated, measured)
+    assert abs(estimated.saved / measured - 1) < 0.005, (estimated, measured)
 
 
 @pytest.fixture(scope="module")
 def measured_steps(tmp_path_factory):
     """Training steps of tiny models in one fresh measuring process: each Hugging Face family and
     our body, with and without activation checkpointing; hsm (a small head: the body's backward
-    is the peak) and softmax (its logits are the peak)."""
+    is the peak) and softmax (its logits are the peak). Two more Gemma 2 shapes at 512 tokens a
+    sequence put eager attention's share forward: the gradients of its [T, T] scores (four heads),
+    and the masks checkpointing keeps (one head)."""
     cases = []
     for family in [*FAMILIES, "ours"]:
         if family == "ours":
@@ -147,22 +150,32 @@ def measured_steps(tmp_path_factory):
             model = {"model": {"hf": str(folder), "seq_len": 256}}
         for head, precision, checkpointing in (("hsm", "bf16", False), ("hsm", "bf16", True),
                                                ("hsm", "fp32", True), ("softmax", "fp32", True)):
-            raw = {**model, "head": {"type": head}, "train": {"micro_batch": 4, "precision": precision},
-                   "deepspeed": {"zero_stage": 0}, "launch": {"ranks_per_node": 1}}
-            recipe = validate_recipe(raw, [f"model.activation_checkpointing={checkpointing}"])
-            cases.append((family, recipe))
-    jobs = [{"kind": "step", "recipe": r.model_dump(mode="json"), "vocab": 512} for _, r in cases]
-    return list(zip(cases, measure(jobs)))
+            cases.append((family, model, head, precision, checkpointing, 4))
+    for heads, checkpointing in ((4, False), (1, True)):
+        folder = tiny_folder(tmp_path_factory.mktemp("gemma2"), "gemma2", num_attention_heads=heads,
+                             num_key_value_heads=1, tie_word_embeddings=False)
+        cases.append((f"gemma2, {heads} head(s), 512 tokens", {"model": {"hf": str(folder), "seq_len": 512}},
+                      "hsm", "bf16", checkpointing, 2))
+    recipes = []
+    for family, model, head, precision, checkpointing, micro_batch in cases:
+        raw = {**model, "head": {"type": head}, "train": {"micro_batch": micro_batch, "precision": precision},
+               "deepspeed": {"zero_stage": 0}, "launch": {"ranks_per_node": 1}}
+        recipes.append((family, validate_recipe(raw, [f"model.activation_checkpointing={checkpointing}"])))
+    jobs = [{"kind": "step", "recipe": r.model_dump(mode="json"), "vocab": 512} for _, r in recipes]
+    return list(zip(recipes, measure(jobs)))
 
 
 def test_training_step_estimates_are_within_10_percent_of_measurements(measured_steps):
+    wrong = []
     for (family, recipe), result in measured_steps:
         where = (f"{family} {recipe.head.type} {recipe.train.precision} "
                  f"checkpointing={recipe.model.activation_checkpointing}")
         assert "bytes" in result, f"{where}: {result}"
         est = estimate_recipe(recipe, 512, world_size=1)
-        assert abs(est.total / result["bytes"] - 1) <= 0.10, \
-            f"{where}: estimate {est.total / MiB:.2f} MiB, measured {result['bytes'] / MiB:.2f} MiB, {est.components}"
+        if abs(est.total / result["bytes"] - 1) > 0.10:
+            wrong.append(f"{where}: estimate {est.total / MiB:.2f} MiB, measured {result['bytes'] / MiB:.2f} MiB, "
+                         f"{est.components}")
+    assert not wrong, "\n".join(wrong)
 
 
 # ----------------------------------------------------------------------------- the command

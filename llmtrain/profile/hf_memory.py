@@ -72,13 +72,15 @@ def _shape(path: str, mtime: int) -> HFBodyShape:
     body = getattr(lm, lm.base_model_prefix)  # the base model, as LanguageModel takes it
     params = sum({id(p): p.numel() for p in body.parameters()}.values())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in body.modules())
-    heads = int(c.num_attention_heads)
+    heads, hidden = int(c.num_attention_heads), int(c.hidden_size)
+    # GPT-2-style configs name the MLP width n_inner (None: 4 × hidden)
+    intermediate = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * hidden
     return HFBodyShape(
         model_type=str(c.model_type), params=params, largest_module=largest,
-        embedding=body.get_input_embeddings().weight.numel(), hidden=int(c.hidden_size),
-        intermediate=int(c.intermediate_size), heads=heads,
+        embedding=body.get_input_embeddings().weight.numel(), hidden=hidden,
+        intermediate=int(intermediate), heads=heads,
         kv_heads=int(getattr(c, "num_key_value_heads", None) or heads),
-        head_dim=int(getattr(c, "head_dim", None) or c.hidden_size // heads), layers=int(c.num_hidden_layers),
+        head_dim=int(getattr(c, "head_dim", None) or hidden // heads), layers=int(c.num_hidden_layers),
         attention=str(lm.config._attn_implementation or "eager"),
         attn_softcap=getattr(c, "attn_logit_softcapping", None),
         mask_kinds=len(set(getattr(c, "layer_types", None) or ["full_attention"])),

@@ -109,7 +109,7 @@ def _size(n: float) -> str:
 
 
 def _target(recipe_path, overrides, preset, hf, tokens, vocab, hidden, dtype, world_size, zero_stage) -> Target:
-    from llmtrain.profile.estimate import PRECISION_DTYPES, PRESETS, recipe_with
+    from llmtrain.profile.estimate import PRECISION_DTYPES, PRESET_NAMES, PRESETS, recipe_with
     from llmtrain.recipe import load_recipe, validate_recipe
 
     if (preset is not None or hf is not None) and recipe_path is not None and "=" in str(recipe_path) \
@@ -141,7 +141,7 @@ def _target(recipe_path, overrides, preset, hf, tokens, vocab, hidden, dtype, wo
         if preset not in PRESETS:
             raise UserError(f"--preset {preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
         recipe = validate_recipe(PRESETS[preset], overrides, source=f"--preset {preset}")
-        label = f"preset {preset} (its published config.json)"
+        label = f"preset {preset} ({PRESET_NAMES[preset]}'s published config.json)"
     elif hf is not None:
         recipe = validate_recipe(_hf_recipe(hf), overrides, source=f"--hf {hf}")
         label = f"Hugging Face model {hf}"
