@@ -18,10 +18,10 @@ from pathlib import Path
 #                 input in fp32 where Llama's keeps it in the working dtype
 #   norms         RMSNorms per layer: 2 (before attention, before the MLP) or 4 (Gemma 2 also
 #                 normalizes each branch's output before adding it to the residual stream)
-# Families not listed are modelled as Llama's, with a note in the report.
+# Families not listed are modelled as Llama's, with a note in the report (Mistral's layers are
+# Llama's, but its sliding window needs a mask, and SDPA with a mask may form the scores).
 FAMILIES = {
     "llama": {"gemma_norm": False, "norms": 2},
-    "mistral": {"gemma_norm": False, "norms": 2},
     "qwen2": {"gemma_norm": False, "norms": 2},
     "gemma2": {"gemma_norm": True, "norms": 4},
 }
