@@ -153,7 +153,8 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, precision: str) -> Body
     if cfg.hf:
         from llmtrain.profile.hf_memory import hf_activation_bytes, hf_body_shape
 
-        return hf_activation_bytes(hf_body_shape(cfg.hf), micro_batch, cfg.seq_len, a, cfg.activation_checkpointing)
+        return BodyActivations(*hf_activation_bytes(hf_body_shape(cfg.hf), micro_batch, cfg.seq_len, a,
+                                                    cfg.activation_checkpointing))
     d, f = cfg.d_model, ffn_size(cfg)
     norm = (4 + 2 * a) * d + 4
     block = 2 * norm + 7 * a * d + 4 * a * f + 4 * cfg.n_heads

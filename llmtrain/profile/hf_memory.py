@@ -92,9 +92,10 @@ def hf_final_softcap(path: str) -> float | None:
     return float(cap) if cap else None
 
 
-def hf_activation_bytes(s: HFBodyShape, micro_batch: int, seq_len: int, a: int, checkpointing: bool):
-    """What the body holds for backward over one micro-batch (a = bytes of the working dtype), as
-    estimate.BodyActivations.
+def hf_activation_bytes(s: HFBodyShape, micro_batch: int, seq_len: int, a: int,
+                        checkpointing: bool) -> tuple[int, int, int]:
+    """What the body holds for backward over one micro-batch (a = bytes of the working dtype):
+    (saved, recomputed, backward) as estimate.BodyActivations names them.
 
     Saved per token and layer (D hidden, F intermediate, H query heads, K key/value heads, d
     head_dim, T the sequence length):
@@ -124,8 +125,6 @@ def hf_activation_bytes(s: HFBodyShape, micro_batch: int, seq_len: int, a: int, 
     disable it), and sliding-window masks of SDPA models (Mistral, Qwen2 with use_sliding_window),
     which make SDPA fall back to kernels that form the scores.
     """
-    from llmtrain.profile.estimate import BodyActivations
-
     family = FAMILIES.get(s.model_type, FAMILIES["llama"])
     D, F, H, K, d, T = s.hidden, s.intermediate, s.heads, s.kv_heads, s.head_dim, seq_len
     norm = 4 * D + 4 + (4 if family["gemma_norm"] else a) * D
@@ -143,5 +142,5 @@ def hf_activation_bytes(s: HFBodyShape, micro_batch: int, seq_len: int, a: int, 
     final = norm + into_linear  # freed by the final norm's backward, before any layer's
     backward = max(2 * a * F + a * D, attention_backward - mlp_half) - final
     masks = s.mask_kinds * micro_batch * T * T * a if checkpointing and s.attention not in FUSED_ATTENTION else 0
-    return BodyActivations(saved=tokens * (kept + final + 8) + 2 * T * d * a + masks,
-                           recomputed=tokens * layer if checkpointing else 0, backward=tokens * max(0, backward))
+    return (tokens * (kept + final + 8) + 2 * T * d * a + masks, tokens * layer if checkpointing else 0,
+            tokens * max(0, backward))
