@@ -243,6 +243,13 @@ def test_bad_hf_input_is_a_clear_error(tmp_path, args, words):
         assert word in result.output
 
 
+def test_a_model_without_attention_is_a_clear_error(tmp_path):
+    transformers.MambaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2).save_pretrained(tmp_path)
+    result = cli("--hf", str(tmp_path), "--no-measure")
+    assert result.exit_code == 2, result.output
+    assert "num_attention_heads" in result.output and str(tmp_path) in result.output
+
+
 def test_estimating_allocates_none_of_the_weights_it_counts(tmp_path):
     """A 70B config and the plot of head memory up to 2²¹ tokens of vocabulary at Llama 3 8B's
     width (a 32 GiB head weight at the last point): counted on the meta device, nothing of that

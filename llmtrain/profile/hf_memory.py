@@ -65,9 +65,15 @@ def hf_body_shape(path: str) -> HFBodyShape:
 def _shape(path: str, mtime: int) -> HFBodyShape:
     # Building a 70B model on the meta device takes a second or two; every head, stage and
     # candidate fix of one profile shares it (mtime: a rewritten config.json is read again).
+    from llmtrain.errors import UserError
     from llmtrain.model.hf import empty_causal_lm, read_hf_folder
 
     c = read_hf_folder(path).config
+    missing = [a for a in ("hidden_size", "num_attention_heads", "num_hidden_layers") if getattr(c, a, None) is None]
+    if missing:
+        raise UserError(f"model.hf: {path}/config.json ({c.model_type}) has no {', '.join(missing)}: llmtrain's memory "
+                        "model covers attention decoders (Llama, Qwen2, Gemma 2 and their kin); measure this one "
+                        "with a training run instead")
     lm = empty_causal_lm(c)
     body = getattr(lm, lm.base_model_prefix)  # the base model, as LanguageModel takes it
     params = sum({id(p): p.numel() for p in body.parameters()}.values())

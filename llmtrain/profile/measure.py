@@ -191,7 +191,8 @@ def _head_job(job: dict, device) -> dict:
 def _step_job(job: dict, device) -> dict:
     """One full training step of a recipe's model in one process: body + head forward/backward and
     an AdamW update, after a first step that creates the optimizer states. bf16 keeps fp32 master
-    weights and fp32 gradients beside the bf16 model, as DeepSpeed's bf16 mode does. One rank, no
+    weights and fp32 gradients beside the bf16 model, as DeepSpeed's bf16 mode does; with
+    model.activation_checkpointing each decoder layer is recomputed in backward. One rank, no
     ZeRO partitioning: compare it with the estimate at world size 1, stage 0."""
     import torch
 
