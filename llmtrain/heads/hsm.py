@@ -116,12 +116,15 @@ class HsmHead(Head):
         # first loss is ≈ ln C + ln |c(w)| (ln V with the default equal-size clusters).
         nn.init.normal_(self.cluster_weight, std=0.02)
         nn.init.normal_(self.weight, std=0.02)
-        for name, value in table_from_rows(*default_clusters(vocab_size, self.n_clusters, shortlist)).items():
-            self.register_buffer(name, value)
-        # Derived from the table; rebuilt after every change, not saved.
-        for name in ("token_row", "row_token", "row_cluster"):
-            self.register_buffer(name, torch.empty(0, dtype=torch.long), persistent=False)
-        self._derive()
+        # The table is data, built on the CPU even when the head is built on the meta device (the
+        # profiler counts a head's weights that way): the meta device cannot run its indexing.
+        with torch.device("cpu"):
+            for name, value in table_from_rows(*default_clusters(vocab_size, self.n_clusters, shortlist)).items():
+                self.register_buffer(name, value)
+            # Derived from the table; rebuilt after every change, not saved.
+            for name in ("token_row", "row_token", "row_cluster"):
+                self.register_buffer(name, torch.empty(0, dtype=torch.long), persistent=False)
+            self._derive()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, n_clusters={self.n_clusters}, shortlist={self.options.shortlist}"

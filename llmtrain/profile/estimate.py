@@ -6,12 +6,17 @@ Components, per rank, for a recipe's ZeRO stage and world size:
                     gradients: every copy at the optimizer step, fp32 ones included)
   zero_buffers      DeepSpeed's gradient-reduction bucket (allocated whole, whatever the model size)
   zero3_gathered    ZeRO-3: the largest module's weight gathered in full while it runs
-  activations       what the body saves for backward over one micro-batch
+  activations       what the body keeps from its forward for backward over one micro-batch (with
+                    activation checkpointing: each layer's input)
+  recomputed        activation checkpointing: one layer's saved tensors, recomputed in its backward
+  layer_backward    what one layer's backward allocates beyond the tensors it saved
   head_transient    the head's own memory model (`Head.transient_bytes`)
 head_total is the head's forward + backward peak over its inputs and weights: head_transient plus
 its weight gradients (as the CCE paper's Table 1 counts it). total is the per-rank peak:
-  parameters + optimizer_states + zero_buffers + max(activations + head_total + zero3_gathered, gradients)
-because the body's activations are freed during backward as its gradients appear.
+  parameters + optimizer_states + zero_buffers + max(working, gradients)
+  working = activations + zero3_gathered + max(head_total, head weight gradients + recomputed + layer_backward)
+because the head runs its backward first and frees its transient memory before the body's
+backward, and the body's activations are freed during backward as its gradients appear.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ import io
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import torch
-from torch import nn
 
 from llmtrain.heads import HEADS, build_head, head_class, parse_head_options
 from llmtrain.heads.base import dtype_bytes
@@ -34,28 +39,22 @@ from llmtrain.recipe import ModelConfig, Recipe, TemperatureConfig
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-# Shapes without a recipe file: llmtrain's Llama-style body at the published models' sizes (full
-# multi-head attention, so Llama 3's grouped-query attention is counted as full: 8.8B, not 8.0B).
-PRESETS: dict[str, dict[str, Any]] = {
-    "gemma2-2b": {
-        "name": "gemma2-2b",
-        "model": {"layers": 26, "d_model": 2304, "n_heads": 8, "ffn_hidden": 9216, "seq_len": 8192,
-                  "tie_embeddings": True},
-        "tokenizer": {"vocab_size": 256000},
-        "train": {"micro_batch": 1, "precision": "bf16"},
-        "deepspeed": {"zero_stage": 3},
-        "launch": {"ranks_per_node": 8},
-    },
-    "llama3-8b": {
-        "name": "llama3-8b",
-        "model": {"layers": 32, "d_model": 4096, "n_heads": 32, "ffn_hidden": 14336, "seq_len": 8192,
-                  "rope_theta": 500000.0},
-        "tokenizer": {"vocab_size": 128256},
-        "train": {"micro_batch": 1, "precision": "bf16"},
-        "deepspeed": {"zero_stage": 3},
-        "launch": {"ranks_per_node": 8},
-    },
-}
+# Published architectures without a recipe file or weights: their config.json as shipped (under
+# llmtrain/profile/presets/), profiled as a Hugging Face body at the CCE paper's 8,192 tokens per
+# micro-batch, bf16, ZeRO-3 on 8 ranks (each is overridable from the command line).
+PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_NAMES = {"gemma2-2b": "Gemma-2-2B", "llama3-8b": "Llama-3-8B", "qwen2.5-7b": "Qwen2.5-7B"}  # published names
+
+
+def hf_recipe(path: str | Path, name: str, seq_len: int = 8192) -> dict[str, Any]:
+    """The raw recipe `profile --hf PATH` and the presets start from: the folder decides the
+    architecture (validate_recipe reads it), the rest is a training shape worth asking about."""
+    return {"name": name, "model": {"hf": str(path), "seq_len": seq_len},
+            "train": {"micro_batch": 1, "precision": "bf16"}, "deepspeed": {"zero_stage": 3},
+            "launch": {"ranks_per_node": 8}}
+
+
+PRESETS: dict[str, dict[str, Any]] = {name: hf_recipe(PRESET_DIR / name, name) for name in PRESET_NAMES}
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -85,19 +84,26 @@ class ParamCount(NamedTuple):
     trainable: int  # those with gradients and optimizer states (TempNet's frozen_body: the network only)
 
 
-def body_param_count(cfg: ModelConfig, vocab_size: int) -> tuple[int, int]:
-    """(parameters of the body including its embedding, the largest linear/embedding in it)."""
+def body_param_count(cfg: ModelConfig, vocab_size: int) -> tuple[int, int, int]:
+    """(parameters of the body including its embedding, the most one module owns, the embedding's).
+    A Hugging Face body is counted on its meta-device model, at its config's vocabulary."""
+    if cfg.hf:
+        from llmtrain.profile.hf_memory import hf_body_shape
+
+        s = hf_body_shape(cfg.hf)
+        return s.params, s.largest_module, s.embedding
     d, f = cfg.d_model, ffn_size(cfg)
     per_block = 2 * d + 3 * d * d + d * d + 2 * f * d + f * d  # 2 norms, qkv, out, gate_up, down
-    return vocab_size * d + cfg.layers * per_block + d, max(vocab_size * d, 3 * d * d, 2 * f * d)
+    return vocab_size * d + cfg.layers * per_block + d, max(vocab_size * d, 3 * d * d, 2 * f * d), vocab_size * d
 
 
 def head_param_count(head_spec: Mapping[str, Any], hidden_size: int, vocab_size: int,
                      temperature: TemperatureConfig | None = None) -> tuple[int, int]:
     """(the head's parameters, those of its temperature network when `temperature` is enabled).
-    The constructors say how many weights there are; parameters are moved to the meta device as
-    they are registered, so none of them is ever resident."""
-    with _parameters_on_meta():
+    The constructors say how many weights there are; the head is built on the meta device, so no
+    weight is ever allocated (a [2²¹, 4096] fp32 weight is 32 GiB, more than a laptop can even
+    reserve). Heads keep their small data tables (hsm's clusters) on the CPU themselves."""
+    with torch.device("meta"):
         head = build_head(head_spec, hidden_size=hidden_size, vocab_size=vocab_size)
         if temperature is not None and temperature.enabled:
             attach_temperature(head, **temperature.network_options())
@@ -105,32 +111,12 @@ def head_param_count(head_spec: Mapping[str, Any], hidden_size: int, vocab_size:
     return sum({id(p): p.numel() for p in head.parameters()}.values()), network
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """As accelerate's init_empty_weights: a parameter created by torch.empty is never touched
-    before it is swapped for a meta tensor (init on meta is a no-op), so its pages never become
-    resident. Buffers stay real: heads derive small tables (O(vocab) ints) with data-dependent ops
-    the meta device cannot run."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def param_count(cfg: ModelConfig, vocab_size: int, head_spec: Mapping[str, Any],
                 temperature: TemperatureConfig | None = None) -> ParamCount:
-    body, largest = body_param_count(cfg, vocab_size)
+    body, largest, embedding = body_param_count(cfg, vocab_size)
     head, network = head_param_count(head_spec, cfg.d_model, vocab_size, temperature)
     tied = cfg.tie_embeddings and head_class(dict(head_spec).get("type", "softmax")).supports_tying
-    total = body + head - (vocab_size * cfg.d_model if tied else 0)
+    total = body + head - (embedding if tied else 0)
     frozen_body = bool(network) and temperature.mode == "frozen_body"
     # the network runs inside the head's forward: ZeRO-3 holds both gathered at once
     return ParamCount(body, head, total, max(largest, head), network if frozen_body else total)
@@ -139,20 +125,43 @@ def param_count(cfg: ModelConfig, vocab_size: int, head_spec: Mapping[str, Any],
 # ----------------------------------------------------------------------------- activations
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, precision: str) -> int:
-    """Bytes the body (llmtrain/model/decoder.py) saves for backward over `tokens` tokens.
+class BodyActivations(NamedTuple):
+    """The body's memory for backward over one micro-batch, in bytes."""
 
-    Per block, in units of tokens × d_model (a = bytes of the working dtype):
+    saved: int  # kept from the forward to the backward: every layer's saved tensors (with
+    # activation checkpointing: each layer's input), the final norm's, the token ids
+    recomputed: int  # activation checkpointing: one layer's saved tensors, recomputed in its backward
+    backward: int  # what one layer's backward allocates beyond the tensors it saved, at its peak
+
+
+def activation_bytes(cfg: ModelConfig, micro_batch: int, precision: str) -> BodyActivations:
+    """The body's memory for backward over `micro_batch` × seq_len tokens: a Hugging Face body's
+    by profile/hf_memory.py, ours (llmtrain/model/decoder.py) as follows.
+
+    Saved per block, in units of tokens × d_model (a = bytes of the working dtype):
       each RMSNorm: its fp32 input copy (4), the normalized output (a), the scaled output (a)
       attention: qkv (3a), the rotated q and k (2a), the SDPA output and its reshaped copy (2a)
     and in units of tokens × ffn: gate_up (2a), silu(gate) (a), the product (a).
-    Plus per-token fp32 scalars (two rsqrt, per-head log-sum-exp of SDPA) and the final norm.
+    Plus per-token fp32 scalars (two rsqrt, per-head log-sum-exp of SDPA), the final norm and the
+    int64 token ids. With activation checkpointing each block keeps only its input (a × d_model
+    per token), and one block's saved tensors are recomputed and live during its backward.
+    A block's backward allocates, beyond what it saved, the gradients of silu(gate) and of up
+    (2a × ffn) beside the incoming one (a × d_model); the final norm's saved tensors are freed by
+    then. Measured within a few percent on tiny models (tests/test_profile_hf.py).
     """
     a = dtype_bytes(PRECISION_DTYPES[precision])
+    if cfg.hf:
+        from llmtrain.profile.hf_memory import hf_activation_bytes, hf_body_shape
+
+        return BodyActivations(*hf_activation_bytes(hf_body_shape(cfg.hf), micro_batch, cfg.seq_len, a,
+                                                    cfg.activation_checkpointing))
     d, f = cfg.d_model, ffn_size(cfg)
     norm = (4 + 2 * a) * d + 4
     block = 2 * norm + 7 * a * d + 4 * a * f + 4 * cfg.n_heads
-    return tokens * (cfg.layers * block + norm + 8)  # + the int64 token ids the embedding keeps
+    ckpt = cfg.activation_checkpointing
+    tokens = micro_batch * cfg.seq_len
+    return BodyActivations(saved=tokens * ((cfg.layers * a * d if ckpt else cfg.layers * block) + norm + 8),
+                           recomputed=tokens * block if ckpt else 0, backward=tokens * max(0, 2 * a * f + a * d - norm))
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -222,21 +231,49 @@ def estimate_recipe(recipe: Recipe, vocab: int, world_size: int | None = None) -
         "optimizer_states": 0 if offload_opt else int(opt_bytes),
         "zero_buffers": _zero_buffers(zero, stage, w),
         "zero3_gathered": int(pc.largest_module * w * (1 if offload_param else 1 - 1 / world)) if stage == 3 else 0,
-        "activations": activation_bytes(cfg, t.micro_batch * cfg.seq_len, precision),
     }
+    body = activation_bytes(cfg, t.micro_batch, precision)
+    comps.update(activations=body.saved, recomputed=body.recomputed, layer_backward=body.backward)
     transient, head_grads = head_memory(spec, t.micro_batch * cfg.seq_len, cfg.d_model, vocab, precision)
     comps["head_transient"] = transient
     head_total = transient + head_grads
-    working = comps["activations"] + head_total + comps["zero3_gathered"]
+    # The head's forward and backward run first; its transient memory is freed before the body's
+    # backward (and a checkpointed layer's recomputation) begins, its weight gradients are not.
+    working = (comps["activations"] + comps["zero3_gathered"]
+               + max(head_total, head_grads + body.recomputed + body.backward))
     total = comps["parameters"] + comps["optimizer_states"] + comps["zero_buffers"] + max(working, comps["gradients"])
     notes = [f"ZeRO-{stage}, {world} rank{'s' if world > 1 else ''}, {precision}, "
-             f"micro-batch {t.micro_batch} × {cfg.seq_len} tokens"]
+             f"micro-batch {t.micro_batch} × {cfg.seq_len} tokens"
+             + (", activation checkpointing" if cfg.activation_checkpointing else "")]
+    if cfg.hf:
+        notes += _hf_notes(cfg, t.micro_batch, precision)
     if offload_opt or offload_param:
         notes.append("offloaded states are held in CPU memory and not counted per rank")
     if recipe.temperature.enabled:
         notes.append("the temperature network's weights and optimizer states are counted, not its per-step "
                      "transient memory (with softmax: a tempered copy of the scores)")
     return Estimate(_name(spec), comps, head_total, int(total), notes, pc)
+
+
+def _hf_notes(cfg: ModelConfig, micro_batch: int, precision: str) -> list[str]:
+    from llmtrain.profile.hf_memory import FUSED_ATTENTION, hf_body_shape
+
+    s = hf_body_shape(cfg.hf)
+    notes = [f"Hugging Face body: {s.model_type}, {_count(s.params)} parameters (counted on its meta-device model), "
+             f"{s.attention} attention"]
+    if not s.calibrated:
+        notes.append(f"activations of a {s.model_type} body are modelled as a Llama decoder's, "
+                     "not calibrated for this family: measure a tiny one (`llmtrain profile` without --no-measure)")
+    if s.attention not in FUSED_ATTENTION:
+        # the [T, T] scores of every layer: usually the largest part of such a body's activations
+        a = dtype_bytes(PRECISION_DTYPES[precision])
+        per_key = (a if s.attn_softcap else 0) + 4 + (a if a != 4 else 0)
+        scores = micro_batch * cfg.seq_len ** 2 * s.heads * per_key * (1 if cfg.activation_checkpointing else s.layers)
+        from llmtrain.train.memory import format_bytes
+
+        notes.append(f"{s.attention} attention keeps each layer's [T, T] scores for backward: {format_bytes(scores)} of "
+                     "the activations")
+    return notes
 
 
 def deepspeed_model_states(recipe: Recipe, vocab: int, world_size: int) -> int | None:
@@ -281,14 +318,19 @@ class Fix(NamedTuple):
 
 def fixes_for_recipe(recipe: Recipe, vocab: int, world_size: int, budget: int) -> list[Fix]:
     """Changes that bring the recipe under `budget` per rank, least disruptive first: a higher ZeRO
-    stage (only communication changes), a smaller micro-batch with more accumulation (the same
-    global batch, lower throughput), another head (a different output layer)."""
+    stage (only communication changes), activation checkpointing (about one more forward pass of
+    compute), a smaller micro-batch with more accumulation (the same global batch, lower
+    throughput), another head (a different output layer)."""
     fixes = []
     for stage in range(recipe.deepspeed.zero_stage + 1, 4):
         total = estimate_recipe(recipe_with(recipe, deepspeed={"zero_stage": stage}), vocab, world_size).total
         if total <= budget:
             fixes.append(Fix(f"ZeRO-{stage}", total))
             break
+    if not recipe.model.activation_checkpointing:
+        total = estimate_recipe(recipe_with(recipe, model={"activation_checkpointing": True}), vocab, world_size).total
+        if total <= budget:
+            fixes.append(Fix("model.activation_checkpointing", total))
     mb, accum = recipe.train.micro_batch, recipe.train.grad_accum
     for smaller in (m for m in range(mb - 1, 0, -1) if mb % m == 0):
         variant = recipe_with(recipe, train={"micro_batch": smaller, "grad_accum": accum * mb // smaller})
@@ -335,6 +377,14 @@ def recipe_with(recipe: Recipe, **sections: Mapping[str, Any]) -> Recipe:
         data[key] = dict(values) if key == "head" else {**data[key], **values}
     if "head" in sections and not _tying_ok(recipe, _name(data["head"])):
         data["model"]["tie_embeddings"] = False
+    if "head" in sections and recipe.model.hf:
+        # A Hugging Face model's final-logit softcap (Gemma 2) belongs to every head that stands in
+        # for its lm_head, as validate_recipe gives it to the recipe's own head.
+        from llmtrain.profile.hf_memory import hf_final_softcap
+
+        cap = hf_final_softcap(recipe.model.hf)
+        if cap and head_class(_name(data["head"])).linear_lm_head:
+            data["head"].setdefault("softcap", cap)
     return Recipe.model_validate(data)
 
 

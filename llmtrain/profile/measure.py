@@ -191,7 +191,8 @@ def _head_job(job: dict, device) -> dict:
 def _step_job(job: dict, device) -> dict:
     """One full training step of a recipe's model in one process: body + head forward/backward and
     an AdamW update, after a first step that creates the optimizer states. bf16 keeps fp32 master
-    weights and fp32 gradients beside the bf16 model, as DeepSpeed's bf16 mode does. One rank, no
+    weights and fp32 gradients beside the bf16 model, as DeepSpeed's bf16 mode does; with
+    model.activation_checkpointing each decoder layer is recomputed in backward. One rank, no
     ZeRO partitioning: compare it with the estimate at world size 1, stage 0."""
     import torch
 
@@ -208,6 +209,8 @@ def _step_job(job: dict, device) -> dict:
     ids = ids.view(t.micro_batch, cfg.seq_len + 1).to(device)
     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     model = LanguageModel(cfg, recipe.head_spec(), job["vocab"])
+    if cfg.activation_checkpointing:
+        _checkpoint_layers(model)
     model.head.prepare(counts)
     model.to(device, torch.bfloat16 if bf16 else torch.float32)
     groups = param_groups(model, t.weight_decay)
@@ -246,6 +249,26 @@ def _step_job(job: dict, device) -> dict:
     if "peak_rss_bytes" in result:
         result["peak_rss_bytes"] += resident
     return result
+
+
+def _checkpoint_layers(model) -> None:
+    """Recompute each decoder layer in backward, as model.activation_checkpointing trains: the
+    body's own switch where it has one, else torch.utils.checkpoint around each block here."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = model.body.model if hasattr(model.body, "model") else None  # a Hugging Face base model
+    if inner is not None:
+        if not any(getattr(m, "gradient_checkpointing", False) for m in inner.modules()):
+            if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5; 4.x has the old name only
+                inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    if getattr(model.body, "activation_checkpointing", False):
+        return
+    for block in model.body.blocks:
+        forward = block.forward
+        block.forward = lambda *args, forward=forward: checkpoint(forward, *args, use_reentrant=False)
 
 
 def _storage_bytes(tensors) -> int:

@@ -25,7 +25,8 @@ CCE_TABLE1_MIB = {"softmax": (28_000, "eager loss + gradient"), "cce": (1_164, "
                   "lower bound": (1_161, "∇W + ∇h")}
 COMPONENTS = [("parameters", "params"), ("gradients", "grads"), ("optimizer_states", "optimizer"),
               ("zero_buffers", "ZeRO buffers"), ("zero3_gathered", "ZeRO-3 gathered"),
-              ("activations", "activations"), ("head_transient", "head transient")]
+              ("activations", "activations"), ("recomputed", "recomputed layer"),
+              ("layer_backward", "layer backward"), ("head_transient", "head transient")]
 PLOT_VOCABS = [2**k for k in range(12, 22)]
 
 
@@ -45,7 +46,10 @@ class Target:
 def profile(
     recipe_path: Optional[Path] = typer.Argument(None, metavar="[RECIPE]", help="recipe YAML file", show_default=False),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value recipe overrides", show_default=False),
-    preset: Optional[str] = typer.Option(None, help="a published shape instead of a recipe: gemma2-2b, llama3-8b"),
+    preset: Optional[str] = typer.Option(None, help="a published architecture instead of a recipe (its config.json ships "
+                                         "with llmtrain): gemma2-2b, llama3-8b, qwen2.5-7b"),
+    hf: Optional[Path] = typer.Option(None, "--hf", help="a Hugging Face model folder instead of a recipe (config.json alone "
+                                      "is enough; nothing is downloaded or allocated)", show_default=False),
     tokens: Optional[int] = typer.Option(None, min=1, help="bare shape: tokens per step (with --vocab, --hidden)"),
     vocab: Optional[int] = typer.Option(None, min=1, help="bare shape: vocabulary size"),
     hidden: Optional[int] = typer.Option(None, min=1, help="bare shape: hidden size"),
@@ -67,6 +71,10 @@ def profile(
 
       llmtrain profile --preset llama3-8b --world-size 8 --zero-stage 3 --budget 80GB --no-measure
 
+      llmtrain profile --hf /models/gemma-2-2b --heads softmax,cce,hsm --world-size 8 --budget 80GB --no-measure
+
+      llmtrain profile --preset llama3-8b model.activation_checkpointing=true train.micro_batch=2 --no-measure
+
       llmtrain profile --tokens 8192 --vocab 256000 --hidden 2304 --dtype bf16 --plot heads.png
     """
     from llmtrain.profile.estimate import parse_budget, parse_heads
@@ -77,7 +85,7 @@ def profile(
         head_names = parse_heads(heads) if heads is not None else None
     except ValueError as e:
         raise UserError(str(e)) from None
-    target = _target(recipe_path, overrides or [], preset, tokens, vocab, hidden, dtype, world_size, zero_stage)
+    target = _target(recipe_path, overrides or [], preset, hf, tokens, vocab, hidden, dtype, world_size, zero_stage)
     if snapshot is not None:
         _check_snapshot(snapshot, measure)
     report = build_report(target, head_names, budget_bytes, measure, snapshot, preset, budget)
@@ -100,16 +108,21 @@ def _size(n: float) -> str:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _target(recipe_path, overrides, preset, tokens, vocab, hidden, dtype, world_size, zero_stage) -> Target:
-    from llmtrain.profile.estimate import PRECISION_DTYPES, PRESETS, recipe_with
+def _target(recipe_path, overrides, preset, hf, tokens, vocab, hidden, dtype, world_size, zero_stage) -> Target:
+    from llmtrain.profile.estimate import PRECISION_DTYPES, PRESET_NAMES, PRESETS, recipe_with
     from llmtrain.recipe import load_recipe, validate_recipe
 
+    if (preset is not None or hf is not None) and recipe_path is not None and "=" in str(recipe_path) \
+            and not recipe_path.exists():
+        # Without a recipe file the first override lands in the RECIPE argument's place.
+        overrides, recipe_path = [str(recipe_path), *overrides], None
     shape_given = [name for name, v in (("--tokens", tokens), ("--vocab", vocab), ("--hidden", hidden),
                                         ("--dtype", dtype)) if v is not None]
-    sources = [s for s, given in (("a recipe", recipe_path), ("--preset", preset), ("a shape", shape_given)) if given]
+    sources = [s for s, given in (("a recipe", recipe_path), ("--preset", preset), ("--hf", hf),
+                                  ("a shape", shape_given)) if given]
     if len(sources) != 1:
-        raise UserError("give one of: a recipe file, --preset NAME (" + ", ".join(PRESETS) + "), or a shape "
-                        f"--tokens/--vocab/--hidden [--dtype]; got {' and '.join(sources) or 'none'}")
+        raise UserError("give one of: a recipe file, --preset NAME (" + ", ".join(PRESETS) + "), --hf FOLDER, or a "
+                        f"shape --tokens/--vocab/--hidden [--dtype]; got {' and '.join(sources) or 'none'}")
     if shape_given:
         missing = [n for n, v in (("--tokens", tokens), ("--vocab", vocab), ("--hidden", hidden)) if v is None]
         if missing:
@@ -121,14 +134,17 @@ def _target(recipe_path, overrides, preset, tokens, vocab, hidden, dtype, world_
         if precision not in PRECISION_DTYPES:
             raise UserError(f"--dtype {precision!r}: choose {' or '.join(PRECISION_DTYPES)}")
         if world_size is not None or zero_stage is not None or overrides:
-            raise UserError("--world-size, --zero-stage and overrides apply to a recipe or --preset, not a bare shape")
+            raise UserError("--world-size, --zero-stage and overrides apply to a recipe, --preset or --hf, not a bare shape")
         return Target(f"{tokens} tokens × vocabulary {vocab} × hidden {hidden}, {precision}",
                       tokens, vocab, hidden, precision)
     if preset is not None:
         if preset not in PRESETS:
             raise UserError(f"--preset {preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
         recipe = validate_recipe(PRESETS[preset], overrides, source=f"--preset {preset}")
-        label = f"preset {preset} (llmtrain's body at its sizes)"
+        label = f"preset {preset} ({PRESET_NAMES[preset]}'s published config.json)"
+    elif hf is not None:
+        recipe = validate_recipe(_hf_recipe(hf), overrides, source=f"--hf {hf}")
+        label = f"Hugging Face model {hf}"
     else:
         recipe = load_recipe(recipe_path, overrides)
         label = f"recipe {recipe_path}"
@@ -139,8 +155,24 @@ def _target(recipe_path, overrides, preset, tokens, vocab, hidden, dtype, world_
                   recipe.train.precision, recipe, world_size or recipe.world_size)
 
 
+def _hf_recipe(folder: Path) -> dict[str, Any]:
+    """--hf FOLDER: the folder checked (errors name --hf), at 8,192 tokens per sequence or the
+    longest the model takes."""
+    from llmtrain.model.hf import read_hf_folder
+    from llmtrain.profile.estimate import hf_recipe
+
+    config = read_hf_folder(folder, key="--hf").config
+    longest = getattr(config, "max_position_embeddings", None) or 8192
+    return hf_recipe(folder, folder.name, seq_len=min(8192, int(longest)))
+
+
 def recipe_vocab(recipe) -> int:
-    """The vocabulary the model is built with: a given tokenizer file's, else the configured size."""
+    """The vocabulary the model is built with: a Hugging Face model's config's (its embedding and
+    lm_head; a tokenizer may use fewer ids), else a given tokenizer file's, else the configured size."""
+    if recipe.model.hf:
+        from llmtrain.model.hf import read_hf_folder
+
+        return read_hf_folder(recipe.model.hf).vocab_size
     path = recipe.tokenizer.path
     if path and Path(path).is_file():
         from tokenizers import Tokenizer
@@ -173,7 +205,9 @@ def build_report(target: Target, head_names, budget: int | None, measure: bool, 
     report: dict[str, Any] = {
         "target": {"label": target.label, "tokens": target.tokens, "vocab": target.vocab, "hidden": target.hidden,
                    "precision": target.precision, "world_size": target.world_size if target.recipe else None,
-                   "zero_stage": target.recipe.deepspeed.zero_stage if target.recipe else None},
+                   "zero_stage": target.recipe.deepspeed.zero_stage if target.recipe else None,
+                   "hf": target.recipe.model.hf if target.recipe else None,
+                   "activation_checkpointing": target.recipe.model.activation_checkpointing if target.recipe else None},
         "budget": budget_text or (_size(budget) if budget else None),
         "budget_bytes": budget,
         "heads": {},
@@ -185,6 +219,9 @@ def build_report(target: Target, head_names, budget: int | None, measure: bool, 
             if recipe.temperature.enabled and not head_class(name).supports_temperature:
                 recipe = recipe_with(recipe, temperature={"enabled": False})
                 report["notes"].append(f"{name}: estimated without the temperature network, which it cannot serve")
+            if target.recipe.model.tie_embeddings and not recipe.model.tie_embeddings:
+                report["notes"].append(f"{name}: cannot share the model's tied embedding; estimated with output "
+                                       "weights of its own")
             est = estimate_recipe(recipe, target.vocab, target.world_size)
             fixes = fixes_for_recipe(recipe, target.vocab, target.world_size, budget) if budget and est.total > budget else []
             ds = deepspeed_model_states(recipe, target.vocab, target.world_size)
@@ -212,10 +249,15 @@ def build_report(target: Target, head_names, budget: int | None, measure: bool, 
 
 
 def _spec_for(target: Target, name: str) -> dict[str, Any]:
-    """The recipe's own head keeps its options; the others run with their defaults."""
-    if target.recipe is not None and target.recipe.head.type == name:
+    """The recipe's own head keeps its options; the others run with their defaults, and with a
+    Hugging Face model's final-logit softcap when they stand in for its lm_head."""
+    if target.recipe is None:
+        return {"type": name}
+    if target.recipe.head.type == name:
         return target.recipe.head_spec()
-    return {"type": name}
+    from llmtrain.profile.estimate import recipe_with
+
+    return recipe_with(target.recipe, head={"type": name}).head_spec()
 
 
 def measure_heads(report: dict, target: Target, specs: dict, snapshot: Path | None) -> None:
@@ -279,8 +321,10 @@ def render(console: Console, report: dict) -> None:
     if counts:
         console.print("  parameters: " + ", ".join(counts))
     if report["target"]["world_size"]:
-        console.print("  total = params + optimizer + ZeRO buffers + max(activations + head total + ZeRO-3 gathered, "
-                      "grads): the body's activations are freed as its gradients appear")
+        console.print("  total = params + optimizer + ZeRO buffers + max(working, grads), working = activations + "
+                      "ZeRO-3 gathered + max(head total, head weight grads + recomputed layer + layer backward): "
+                      "the head's transient memory is freed before the body's backward, the body's activations "
+                      "as its gradients appear")
     for name, h in heads.items():
         if "deepspeed_estimator_model_states" in h:
             ours = sum(h["estimate"][k] for k in ("parameters", "gradients", "optimizer_states", "zero3_gathered"))
@@ -310,7 +354,11 @@ def _measured_cell(m: dict) -> str:
 
 
 def _render_reference(console: Console, report: dict) -> None:
-    table = Table(title="Beside the CCE paper's Table 1 (A100, bf16; loss + gradient)", title_justify="left")
+    cap = report["heads"].get("softmax", {}).get("spec", {}).get("softcap")
+    title = "Beside the CCE paper's Table 1 (A100, bf16; loss + gradient)" + (
+        f"; ours with the model's final-logit softcap {cap:g} (one more fp32 tokens × vocab buffer in softmax)"
+        if cap else "")
+    table = Table(title=title, title_justify="left")
     for col in ("", "paper", "ours (head total)", "ratio"):
         table.add_column(col, justify="right" if col else "left")
     t = report["target"]
