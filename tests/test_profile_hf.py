@@ -9,7 +9,6 @@ import pytest
 import torch
 import transformers
 from torch.distributed._tools.mem_tracker import MemTracker
-from typer.testing import CliRunner
 
 from llmtrain.heads import HEADS
 from llmtrain.model.language_model import LanguageModel, count_parameters
