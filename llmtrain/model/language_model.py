@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.heads import Head, HeadOutput, build_head, head_class
@@ -14,6 +15,8 @@ from llmtrain.recipe import ModelConfig
 
 # Sampling: how often a row that drew a padding id draws again before it falls back to greedy.
 REDRAWS = 32
+# Tokens per [chunk, V] score tile when ranking real tokens past a padded vocabulary.
+TOPK_CHUNK = 256
 
 
 class LanguageModel(nn.Module):
@@ -54,13 +57,16 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
-        """The head's exact top k among real tokens (padding rows skipped)."""
+        """The head's exact top k among real tokens. Only heads whose scores grow with weight·h
+        (+ bias) carry padding rows (softmax and cce, whose softcap is monotone; zloss sharing a
+        padded embedding, whose standardization is), so the real rows' own products rank them."""
         if not self.padding:
             return self.head.topk(hidden, k)
-        top = self.head.topk(hidden, min(k + self.padding, self.head.vocab_size))
-        # stable: real ids keep their order; at most `padding` of them are dropped from each row
-        order = (top >= self.predictable_vocab).to(torch.int8).argsort(dim=1, stable=True)
-        return top.gather(1, order)[:, :k]
+        n = self.predictable_vocab
+        weight, bias = self.head.weight[:n].float(), getattr(self.head, "bias", None)  # fp32 scores, as the heads rank
+        bias = None if bias is None else bias[:n].float()
+        parts = [F.linear(h.float(), weight, bias).topk(k, dim=-1).indices for h in hidden.split(TOPK_CHUNK)]
+        return torch.cat(parts) if parts else hidden.new_zeros(0, k, dtype=torch.long)
 
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, temperature: float | str = 1.0,
