@@ -53,7 +53,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, network_weight_dec
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        # ds_shape: a model built under ZeRO-3 (a Hugging Face body) holds 1-d placeholders already
+        # ds_shape: a model built under ZeRO-3 (a Hugging Face body) holds 1-d stand-ins already
         groups["temperature" if id(p) in in_net else "model", len(getattr(p, "ds_shape", p.shape)) >= 2].append(p)
     decay = {"model": weight_decay, "temperature": network_weight_decay}
     return [{"params": params, "weight_decay": decay[kind] if decays else 0.0, "lr_kind": kind}
