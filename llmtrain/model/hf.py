@@ -29,7 +29,6 @@ ARCHITECTURE_FIELDS = {
     "ffn_hidden": "intermediate_size",
     "norm_eps": "rms_norm_eps",
     "init_std": "initializer_range",
-    "tie_embeddings": "tie_word_embeddings",
 }
 
 
@@ -53,7 +52,7 @@ class HFFolder:
         """The recipe's model fields as this config sets them."""
         c = self.config
         fields = {key: getattr(c, attr) for key, attr in ARCHITECTURE_FIELDS.items() if getattr(c, attr, None) is not None}
-        fields["tie_embeddings"] = bool(getattr(c, "tie_word_embeddings", False))
+        fields["tie_embeddings"] = bool(getattr(c, "tie_word_embeddings", False))  # absent means untied
         rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", None))
         if rope is not None:
             fields["rope_theta"] = float(rope)
