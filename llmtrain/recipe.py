@@ -60,7 +60,7 @@ class ModelConfig(Section):
     init_std: float = Field(0.02, gt=0, description="std of the normal init of linear and embedding weights")
     activation_checkpointing: bool = Field(
         False, description="recompute each block's activations in the backward pass instead of keeping them: "
-        "less memory, about one more forward of compute (our body and Hugging Face bodies)")
+        "less memory; each block's forward runs a second time (our body and Hugging Face bodies)")
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint of this model must match: not activation checkpointing (the same

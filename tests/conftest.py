@@ -52,6 +52,25 @@ def records(run: Path, key="loss") -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
+def saved_for_backward(module, forward) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while `forward()` runs, leaving
+    out `module`'s parameters (views of one storage count once)."""
+    import torch
+
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(kept.values())
+
+
 def by_step(run: Path, key="loss") -> dict:
     """{step: value} of a run's metrics.jsonl records that have `key`."""
     return {r["step"]: r[key] for r in records(run, key)}

@@ -5,6 +5,7 @@ recomputed once in backward (never in eval), and less memory kept for backward."
 import pytest
 import torch
 
+from conftest import saved_for_backward
 from llmtrain.model.language_model import LanguageModel
 from llmtrain.recipe import ModelConfig
 
@@ -90,21 +91,12 @@ def test_each_block_runs_twice_in_a_training_step_and_once_otherwise(body, hf_fo
         assert calls == {i: 2 for i in range(3)}, f"checkpointing={checkpointing}"
 
 
-def saved_for_backward(model: LanguageModel) -> int:
-    """Bytes of the distinct non-parameter storages autograd keeps from a forward for its backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(*batch(0)).loss
-    loss.backward()
-    return sum(kept.values())
+def saved_by_step(model: LanguageModel) -> int:
+    """Bytes autograd keeps from one training forward (see conftest.saved_for_backward)."""
+    losses = []
+    saved = saved_for_backward(model, lambda: losses.append(model(*batch(0)).loss))
+    losses[0].backward()
+    return saved
 
 
 @pytest.mark.parametrize("body", ["ours", "llama"])
@@ -112,7 +104,7 @@ def test_a_checkpointed_block_keeps_only_its_input(body, hf_folders):
     """Without checkpointing each block keeps everything its backward needs (Δ per block); with it,
     only its input hidden state, B·T·D fp32 values (the checkpoint's saved input)."""
     hidden = B * T * D * 4
-    kept = {(on, n): saved_for_backward(build(body, on, hf_folders, layers=n)) for on in (False, True) for n in (2, 3)}
+    kept = {(on, n): saved_by_step(build(body, on, hf_folders, layers=n)) for on in (False, True) for n in (2, 3)}
     per_block = kept[False, 3] - kept[False, 2]
     assert kept[True, 3] - kept[True, 2] == hidden
     assert per_block > 4 * hidden

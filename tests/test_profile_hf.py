@@ -18,28 +18,21 @@ from llmtrain.profile.measure import measure
 from llmtrain.profile.report import Target, write_plot
 from llmtrain.recipe import validate_recipe
 
+from hf_models import save_tiny_model
+from conftest import saved_for_backward
 from test_profile import cli
 
 MiB = 2**20
-# family → (config class, options beyond the tiny shape); Gemma 2's default head_dim is 256
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, {}),
-    "qwen2": (transformers.Qwen2Config, {}),
-    "gemma2": (transformers.Gemma2Config, {"head_dim": 16}),
-}
+FAMILIES = ("llama", "qwen2", "gemma2")
+# The profiler's tiny shape: a 512-token vocabulary, untied unless a test ties it, long positions;
+# Gemma 2's default head_dim (256) would dwarf a 64-wide model.
+PROFILE_SHAPE = {"llama": {}, "qwen2": {"tie_word_embeddings": False}, "gemma2": {"head_dim": 16}}
 
 
 def tiny_folder(folder, family, weights=False, **overrides):
-    """A tiny random model folder: config.json, and model.safetensors when `weights`."""
-    cls, options = FAMILIES[family]
-    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=1024)
-    config = cls(**{**shape, **options, **overrides})
-    if weights:
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    else:
-        config.save_pretrained(folder)
-    return folder
+    """A tiny random model folder (tests/hf_models.py) at the profiler's shape."""
+    return save_tiny_model(folder, family, weights=weights, vocab_size=512, max_position_embeddings=1024,
+                           **{**PROFILE_SHAPE[family], **overrides})
 
 
 def hf_recipe(folder, *overrides):
@@ -104,7 +97,7 @@ def test_presets_are_the_published_architectures(name, published):
 # ----------------------------------------------------------------------------- activations
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_saved_activations_are_what_autograd_saves(tmp_path, family, precision):
     """The activation model against every tensor autograd keeps for backward in transformers'
@@ -114,18 +107,9 @@ def test_saved_activations_are_what_autograd_saves(tmp_path, family, precision):
                        f"train.precision={precision}", "model.seq_len=128", "train.micro_batch=2")
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     body = LanguageModel(recipe.model, {"type": "softmax"}, 512).body.to(dtype)
-    parameters = {p.untyped_storage().data_ptr() for p in body.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        hidden = body(torch.randint(0, 512, (2, 128)))
-    measured = sum(saved.values()) + hidden.untyped_storage().nbytes()
+    outputs = []
+    saved = saved_for_backward(body, lambda: outputs.append(body(torch.randint(0, 512, (2, 128)))))
+    measured = saved + outputs[0].untyped_storage().nbytes()
     estimated = activation_bytes(recipe.model, 2, precision)
     assert estimated.recomputed == 0
     assert abs(estimated.saved / measured - 1) < 0.005, (estimated, measured)

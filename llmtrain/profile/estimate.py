@@ -318,8 +318,8 @@ class Fix(NamedTuple):
 
 def fixes_for_recipe(recipe: Recipe, vocab: int, world_size: int, budget: int) -> list[Fix]:
     """Changes that bring the recipe under `budget` per rank, least disruptive first: a higher ZeRO
-    stage (only communication changes), activation checkpointing (about one more forward pass of
-    compute), a smaller micro-batch with more accumulation (the same global batch, lower
+    stage (only communication changes), activation checkpointing (each layer's forward runs a second
+    time), a smaller micro-batch with more accumulation (the same global batch, lower
     throughput), another head (a different output layer)."""
     fixes = []
     for stage in range(recipe.deepspeed.zero_stage + 1, 4):
