@@ -177,8 +177,13 @@ def test_verdict_names_the_least_disruptive_change_that_fits(tmp_path):
     assert entry["parameter_count"]["total"] == count_parameters(LanguageModel(recipe.model, {"type": "softmax"}, 8192))
     e = entry["estimate"]
     assert set(e) == {"parameters", "gradients", "optimizer_states", "zero_buffers", "zero3_gathered", "activations",
-                      "recomputed", "layer_backward", "head_transient", "head_total", "total"}
+                      "recomputed", "layer_backward", "head_transient", "head_total", "total", "total_on_cpu",
+                      "total_on_this_cpu"}
     assert e["zero_buffers"] == 1000 * 2  # the recipe's reduce bucket, bf16
+    # a bucket smaller than the model's gradients is written whole: a CPU rank holds all of it too
+    assert e["total_on_cpu"] == e["total"]
+    runtime = json.loads(out.read_text())["runtime_on_cpu_bytes"]
+    assert 100 * 2**20 < runtime < 2**31 and e["total_on_this_cpu"] == e["total"] + runtime
     head_grads = e["head_total"] - e["head_transient"]
     working = e["activations"] + e["zero3_gathered"] + max(e["head_total"], head_grads + e["recomputed"] + e["layer_backward"])
     assert e["total"] == e["parameters"] + e["optimizer_states"] + e["zero_buffers"] + max(working, e["gradients"])

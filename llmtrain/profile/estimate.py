@@ -4,7 +4,8 @@ shape, allocating nothing (nothing here builds a tensor of the modelled size).
 Components, per rank, for a recipe's ZeRO stage and world size:
   parameters, gradients, optimizer_states  the model states (DeepSpeed's partitioning rules;
                     gradients: every copy at the optimizer step, fp32 ones included)
-  zero_buffers      DeepSpeed's gradient-reduction bucket (allocated whole, whatever the model size)
+  zero_buffers      DeepSpeed's gradient-reduction bucket (allocated whole, whatever the model size;
+                    total_on_cpu counts only the part a CPU rank writes, see _zero_buffers)
   zero3_gathered    ZeRO-3: the largest module's weight gathered in full while it runs
   activations       what the body keeps from its forward for backward over one micro-batch (with
                     activation checkpointing: each layer's input)
@@ -177,9 +178,11 @@ class Estimate:
     total: int
     notes: list[str] = field(default_factory=list)
     params: ParamCount | None = None  # with a model around the head
+    total_on_cpu: int | None = None  # a CPU rank's resident bytes: untouched pages of the ZeRO buffers left out
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.components, "head_total": self.head_total, "total": self.total}
+        on_cpu = {} if self.total_on_cpu is None else {"total_on_cpu": self.total_on_cpu}
+        return {**self.components, "head_total": self.head_total, "total": self.total, **on_cpu}
 
 
 def head_memory(head_spec: Mapping[str, Any], tokens: int, hidden: int, vocab: int, precision: str) -> tuple[int, int]:
@@ -218,6 +221,7 @@ def estimate_recipe(recipe: Recipe, vocab: int, world_size: int | None = None) -
     w = dtype_bytes(PRECISION_DTYPES[precision])
 
     pc = param_count(cfg, vocab, spec, recipe.temperature)
+    reserved, written = _zero_buffers(zero, stage, w, pc.trainable)
     shard = lambda n, from_stage: n / world if stage >= from_stage else n  # noqa: E731
     # Beside the working-dtype model, DeepSpeed keeps fp32 master weights (Adam's two moments with
     # them) and gives them fp32 gradients at the optimizer step, except for an fp32 model at
@@ -229,7 +233,7 @@ def estimate_recipe(recipe: Recipe, vocab: int, world_size: int | None = None) -
         "parameters": 0 if offload_param else int(shard(pc.total * w, 3)),
         "gradients": int(shard(pc.trainable * w, 2)) if offload_opt else int(grad_bytes),
         "optimizer_states": 0 if offload_opt else int(opt_bytes),
-        "zero_buffers": _zero_buffers(zero, stage, w),
+        "zero_buffers": reserved,
         "zero3_gathered": int(pc.largest_module * w * (1 if offload_param else 1 - 1 / world)) if stage == 3 else 0,
     }
     body = activation_bytes(cfg, t.micro_batch, precision)
@@ -242,6 +246,7 @@ def estimate_recipe(recipe: Recipe, vocab: int, world_size: int | None = None) -
     working = (comps["activations"] + comps["zero3_gathered"]
                + max(head_total, head_grads + body.recomputed + body.backward))
     total = comps["parameters"] + comps["optimizer_states"] + comps["zero_buffers"] + max(working, comps["gradients"])
+    on_cpu = total - reserved + written
     notes = [f"ZeRO-{stage}, {world} rank{'s' if world > 1 else ''}, {precision}, "
              f"micro-batch {t.micro_batch} × {cfg.seq_len} tokens"
              + (", activation checkpointing" if cfg.activation_checkpointing else "")]
@@ -252,7 +257,12 @@ def estimate_recipe(recipe: Recipe, vocab: int, world_size: int | None = None) -
     if recipe.temperature.enabled:
         notes.append("the temperature network's weights and optimizer states are counted, not its per-step "
                      "transient memory (with softmax: a tempered copy of the scores)")
-    return Estimate(_name(spec), comps, head_total, int(total), notes, pc)
+    if written < reserved:
+        from llmtrain.train.memory import format_bytes
+
+        notes.append(f"ZeRO buffers: DeepSpeed allocates {format_bytes(reserved)}, a GPU holds all of it; a CPU rank "
+                     f"holds only the {format_bytes(written)} its gradients are written into")
+    return Estimate(_name(spec), comps, head_total, int(total), notes, pc, int(on_cpu))
 
 
 def _hf_notes(cfg: ModelConfig, micro_batch: int, precision: str) -> list[str]:
@@ -388,14 +398,19 @@ def recipe_with(recipe: Recipe, **sections: Mapping[str, Any]) -> Recipe:
     return Recipe.model_validate(data)
 
 
-def _zero_buffers(zero: Mapping[str, Any], stage: int, w: int) -> int:
-    """DeepSpeed allocates its gradient-reduction bucket whole (reduce_bucket_size elements, two of
-    them when overlap_comm double-buffers at stages 1-2), however small the model."""
+def _zero_buffers(zero: Mapping[str, Any], stage: int, w: int, gradient_elements: int) -> tuple[int, int]:
+    """(bytes DeepSpeed allocates for its gradient-reduction bucket, bytes of it that gradients are
+    written into). The bucket is allocated whole (reduce_bucket_size elements, two of them when
+    overlap_comm double-buffers at stages 1-2), however small the model: a CUDA allocator counts all
+    of it. On CPU an untouched page of a large allocation is never resident, and each backward
+    copies the gradients into the bucket from its start, so a CPU rank holds only the part written:
+    the model's gradients up to one bucket, spilling into the second buffer only past that."""
     if stage == 0 or not zero.get("contiguous_gradients", True):
-        return 0
-    bucket = int(float(zero.get("reduce_bucket_size", 5e8))) * w
-    overlap = zero.get("overlap_comm", stage == 3)
-    return bucket * (2 if overlap and stage < 3 else 1)
+        return 0, 0
+    bucket = int(float(zero.get("reduce_bucket_size", 5e8)))
+    buffers = 2 if zero.get("overlap_comm", stage == 3) and stage < 3 else 1
+    written = min(gradient_elements, bucket * buffers)
+    return bucket * buffers * w, written * w
 
 
 def _count(n: int) -> str:

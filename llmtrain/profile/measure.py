@@ -18,6 +18,7 @@ Each job runs its step once to warm up (lazy library state, thread pools), then 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -49,23 +50,37 @@ def measure(jobs: list[dict[str, Any]], timeout: float = 600) -> list[dict[str, 
 
 
 def _run_child(jobs: list[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
+    return _run_child_args([json.dumps(jobs)], len(jobs), timeout)
+
+
+def _run_child_args(args: list[str], expected: int, timeout: float) -> list[dict[str, Any]]:
     # The child imports the same llmtrain as this process, wherever that was imported from.
     package_root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD), "PYTHONPATH": path}
     env.setdefault("OMP_NUM_THREADS", str(min(4, os.cpu_count() or 1)))
-    cmd = [sys.executable, "-m", "llmtrain.profile.measure", json.dumps(jobs)]
+    cmd = [sys.executable, "-m", "llmtrain.profile.measure", *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return [{"error": f"measurement did not finish in {timeout:.0f} s"} for _ in jobs]
+        return [{"error": f"measurement did not finish in {timeout:.0f} s"} for _ in range(expected)]
     results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
                if line.startswith(RESULT_PREFIX)]
-    if len(results) < len(jobs):
+    if len(results) < expected:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         reason = f"the measuring process ended early: {tail[0]}"
-        results += [{"error": reason} for _ in range(len(jobs) - len(results))]
+        results += [{"error": reason} for _ in range(expected - len(results))]
     return results
+
+
+@functools.lru_cache(maxsize=8)
+def runtime_bytes(hf: str | None = None, timeout: float = 120) -> int | None:
+    """Resident bytes of a training rank before it holds a tensor of the model: the interpreter,
+    torch, DeepSpeed and llmtrain imported, and a Hugging Face body's modeling code, measured in a
+    fresh process. A CPU rank's resident set carries them beside the tensors the estimate counts;
+    a GPU allocator's figure does not. None when the measuring process fails."""
+    result = _run_child_args(["--runtime", *([hf] if hf else [])], 1, timeout)[0]
+    return result.get("bytes")
 
 
 def free_device_bytes(device) -> int:
@@ -296,8 +311,28 @@ def _measure_step(step, clear, device, snapshot, tracked, warm: bool = True) -> 
     return result
 
 
+def _runtime(hf: str | None) -> dict:
+    from llmtrain.profile.estimate import _quiet_deepspeed_import
+    from llmtrain.train.memory import resident_bytes
+
+    with _quiet_deepspeed_import():
+        import deepspeed  # noqa: F401
+
+        import llmtrain.train.worker  # noqa: F401
+    if hf:
+        from llmtrain.model.hf import empty_causal_lm, read_hf_folder
+
+        empty_causal_lm(read_hf_folder(hf).config)
+    gc.collect()
+    return {"bytes": resident_bytes(), "method": "VmRSS after the imports of a training rank"}
+
+
 def main(argv: list[str]) -> int:
     import torch
+
+    if argv[:1] == ["--runtime"]:
+        print(RESULT_PREFIX + json.dumps(_runtime(argv[1] if len(argv) > 1 else None)), flush=True)
+        return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for job in json.loads(argv[0]):

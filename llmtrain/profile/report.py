@@ -213,6 +213,9 @@ def build_report(target: Target, head_names, budget: int | None, measure: bool, 
         "heads": {},
         "notes": [],
     }
+    runtime = _runtime_here(target)
+    if runtime:
+        report["runtime_on_cpu_bytes"] = runtime
     for name, spec in specs.items():
         if target.recipe is not None:
             recipe = recipe_with(target.recipe, head=spec)
@@ -231,6 +234,8 @@ def build_report(target: Target, head_names, budget: int | None, measure: bool, 
                      if budget and est.total > budget else [])
             ds = None
         entry: dict[str, Any] = {"spec": spec, "estimate": est.to_json()}
+        if runtime and est.total_on_cpu is not None:
+            entry["estimate"]["total_on_this_cpu"] = est.total_on_cpu + runtime
         if est.params is not None:
             entry["parameter_count"] = {"total": est.params.total, "head": est.params.head}
         if ds is not None:
@@ -246,6 +251,19 @@ def build_report(target: Target, head_names, budget: int | None, measure: bool, 
         report["reference"] = {"source": "Wijmans et al. 2024, Cut Your Losses in Large-Vocabulary Language Models, Table 1",
                                **{k: {"bytes": mib * 2**20, "what": what} for k, (mib, what) in CCE_TABLE1_MIB.items()}}
     return report
+
+
+def _runtime_here(target: Target) -> int | None:
+    """A recipe file profiled on a machine without CUDA describes a run on this CPU: its ranks'
+    resident sets also hold the libraries (measured in a fresh process) and only the written part
+    of DeepSpeed's buckets. Presets and --hf describe clusters: None."""
+    import torch
+
+    if target.recipe is None or not target.label.startswith("recipe ") or torch.cuda.is_available():
+        return None
+    from llmtrain.profile.measure import runtime_bytes
+
+    return runtime_bytes(target.recipe.model.hf)
 
 
 def _spec_for(target: Target, name: str) -> dict[str, Any]:
@@ -308,6 +326,8 @@ def render(console: Console, report: dict) -> None:
             table.add_row(title, *(_size(h["estimate"][key]) for h in heads.values()))
     table.add_row("head total", *(_size(h["estimate"]["head_total"]) for h in heads.values()), end_section=True)
     table.add_row("[bold]total / rank[/]", *(f"[bold]{_size(h['estimate']['total'])}[/]" for h in heads.values()))
+    if report.get("runtime_on_cpu_bytes"):
+        table.add_row("on this CPU", *(_size(h["estimate"]["total_on_this_cpu"]) for h in heads.values()))
     if budget:
         table.add_row(f"≤ {report['budget']}", *("[green]fits[/]" if h["fits"] else "[red]no[/]" for h in heads.values()))
     for kind, title in (("head_forward_backward", "measured head"), ("training_step", "measured step")):
@@ -316,6 +336,10 @@ def render(console: Console, report: dict) -> None:
     console.print(table)
     for note in report["notes"]:
         console.print(f"  {note}")
+    if report.get("runtime_on_cpu_bytes"):
+        console.print(f"  on this CPU: a rank's resident set, as `llmtrain run` here reports its peak: the total with "
+                      f"only the written part of the ZeRO buffers, plus {_size(report['runtime_on_cpu_bytes'])} of "
+                      "libraries (measured in a fresh process)")
     counts = [f"{name} {h['parameter_count']['total'] / 1e6:,.1f}M ({h['parameter_count']['head'] / 1e6:,.1f}M in the head)"
               for name, h in heads.items() if "parameter_count" in h]
     if counts:
