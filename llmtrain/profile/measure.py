@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib
 import json
 import os
 import subprocess
@@ -316,9 +317,8 @@ def _runtime(hf: str | None) -> dict:
     from llmtrain.train.memory import resident_bytes
 
     with _quiet_deepspeed_import():
-        import deepspeed  # noqa: F401
-
-        import llmtrain.train.worker  # noqa: F401
+        for module in ("deepspeed", "llmtrain.train.worker"):  # what a rank has loaded before its model
+            importlib.import_module(module)
     if hf:
         from llmtrain.model.hf import empty_causal_lm, read_hf_folder
 
