@@ -36,7 +36,7 @@ def plain_loop(recipe, prep, steps: int, warmup: int) -> float:
     model.head.prepare(torch.from_numpy(np.load(prep.counts_path)))
     t = recipe.train
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=1e-8)
-    blocks = load_split(prep.train_path)
+    blocks = load_split(prep.train_path, prep.seq_len + 1)
     global_batch = t.micro_batch * t.grad_accum * recipe.world_size
     sampler = ResumableSampler(len(blocks), global_batch, 0, 1, t.seed)
     rates = []

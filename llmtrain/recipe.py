@@ -34,7 +34,12 @@ class DataConfig(Section):
     hf_split: str = Field("train", description="Hugging Face dataset split")
     max_bytes: int | None = Field(None, gt=0, description="read at most this many bytes of text (documents in sorted order)")
     val_fraction: float = Field(0.02, gt=0, lt=0.5, description="share of documents held out for validation")
-    cache_dir: str = Field(".cache/llmtrain", description="where tokenizers and packed datasets are cached")
+    cache_dir: str = Field(".cache/llmtrain", description="where tokenizers and token shards are cached")
+    num_proc: int | None = Field(None, ge=1, description="processes tokenizing in parallel (default: the machine's cores)")
+    shard_tokens: int = Field(1 << 26, ge=1024, description="tokens per shard file (uint32, so 4 bytes each)")
+    document_mask: bool = Field(
+        False, description="attention stays inside each document of a packed block and positions restart at each "
+        "document (block-diagonal causal attention); our body only, not model.hf")
 
 
 class TokenizerConfig(Section):
@@ -208,6 +213,13 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @model_validator(mode="after")
+    def _document_mask_body(self):
+        if self.data.document_mask and self.model.hf:
+            raise ValueError("data.document_mask: not supported with model.hf (Hugging Face bodies get no "
+                             "block-diagonal mask here); set data.document_mask: false or use our body")
+        return self
 
 
 # ---------------------------------------------------------------------------- loading and errors

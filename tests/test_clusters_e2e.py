@@ -88,7 +88,7 @@ def validation_loss(model, run: Path) -> float:
 
     saved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
     data = PreparedData.from_json((run / "data.json").read_text())
-    val = load_split(data.val_path)
+    val = load_split(data.val_path, data.seq_len + 1)
     mb, world = saved["train"]["micro_batch"], saved["launch"]["ranks_per_node"] * saved["launch"]["nodes"]
     nll, count = 0.0, 0
     with torch.no_grad():

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from llmtrain.data import packing, sources, tokenizer
+from llmtrain.data import prepare, sources, tokenizer
 from llmtrain.data.packing import load_split
 from llmtrain.data.prepare import PreparedData, prepare_data
 from llmtrain.data.sampler import ResumableSampler
-from llmtrain.data.sources import read_corpus, split_documents, stdlib_files
+from llmtrain.data.sources import iter_documents, scan_corpus, split_documents, stdlib_files
 from llmtrain.data.tokenizer import EOS_TOKEN, token_bytes, train_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.recipe import DataConfig, TokenizerConfig
@@ -74,9 +74,15 @@ def write_corpus(root: Path, n_docs: int = 40) -> list[str]:
     return texts
 
 
-def configs(tmp_path: Path, source: Path | str, **tok) -> tuple[DataConfig, TokenizerConfig]:
-    return (DataConfig(source=str(source), val_fraction=0.2, cache_dir=str(tmp_path / "cache")),
-            TokenizerConfig(**{"vocab_size": 400, **tok}))
+def configs(tmp_path: Path, source: Path | str, data: dict | None = None, **tok) -> tuple[DataConfig, TokenizerConfig]:
+    data = {"source": str(source), "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache"), "num_proc": 1,
+            **(data or {})}
+    return DataConfig(**data), TokenizerConfig(**{"vocab_size": 400, **tok})
+
+
+def read_corpus(cfg: DataConfig, log=lambda m: None) -> tuple[list, str]:
+    """The documents of a small corpus as a list, and its content hash."""
+    return list(iter_documents(cfg)), scan_corpus(cfg, log=log).hash
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -151,12 +157,13 @@ def test_packing_matches_eos_joined_stream(tmp_path):
         for name, text in zip(names, texts):
             if keep(name):
                 stream += tok.encode(text, add_special_tokens=False).ids + [prep.eos_id]
-        blocks = load_split(split_path)
+        blocks = load_split(split_path, SEQ_LEN + 1)
         n = len(stream) // (SEQ_LEN + 1)
-        assert blocks.dtype == torch.int64 and blocks.shape == (n, SEQ_LEN + 1)
-        assert blocks.reshape(-1).tolist() == stream[: n * (SEQ_LEN + 1)]
-        disk = pa.ipc.open_stream(next(Path(split_path).glob("*.arrow")).open("rb")).read_all()
-        assert disk.schema.field("input_ids").type == pa.list_(pa.int32(), SEQ_LEN + 1)
+        assert len(blocks) == n and blocks[:].dtype == torch.int64 and blocks[:].shape == (n, SEQ_LEN + 1)
+        assert blocks[:].reshape(-1).tolist() == stream[: n * (SEQ_LEN + 1)]
+        assert blocks[[n - 1, 0]].tolist() == [stream[(n - 1) * (SEQ_LEN + 1): n * (SEQ_LEN + 1)], stream[: SEQ_LEN + 1]]
+        on_disk = np.concatenate([np.fromfile(f, dtype="<u4") for f in sorted(Path(split_path).glob("*.bin"))])
+        assert on_disk.tolist() == stream  # raw little-endian uint32, the whole stream with its tail
         if split_path == prep.train_path:
             assert prep.n_train_tokens == len(stream) and prep.n_train_blocks == n
             counts = np.load(prep.counts_path)
@@ -190,7 +197,7 @@ def test_second_prepare_reuses_the_cache(tmp_path, monkeypatch):
     write_corpus(tmp_path / "corpus", n_docs=12)
     dcfg, tcfg = configs(tmp_path, tmp_path / "corpus")
     calls = {"train": 0, "encode": 0}
-    real_train, real_stream = tokenizer.train_tokenizer, packing.token_stream
+    real_train, real_tokenize = tokenizer.train_tokenizer, prepare.tokenize_corpus
 
     def counting(name, fn):
         def wrapped(*a, **k):
@@ -199,38 +206,20 @@ def test_second_prepare_reuses_the_cache(tmp_path, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(tokenizer, "train_tokenizer", counting("train", real_train))
-    monkeypatch.setattr(packing, "token_stream", counting("encode", real_stream))
+    monkeypatch.setattr(prepare, "tokenize_corpus", counting("encode", real_tokenize))
     first = prepare_data(dcfg, tcfg, SEQ_LEN, log=lambda m: None)
-    assert calls == {"train": 1, "encode": 2}
+    assert calls == {"train": 1, "encode": 1}
     mtime = Path(first.tokenizer_path).stat().st_mtime_ns
     second = prepare_data(dcfg, tcfg, SEQ_LEN, log=lambda m: None)
-    assert second == first and calls == {"train": 1, "encode": 2}
+    assert second == first and calls == {"train": 1, "encode": 1}
     assert Path(first.tokenizer_path).stat().st_mtime_ns == mtime
-    # A new seq_len repacks with the same tokenizer; new text retrains it.
+    # A new seq_len reads the same shards as other blocks; new text retrains the tokenizer.
     third = prepare_data(dcfg, tcfg, SEQ_LEN + 8, log=lambda m: None)
-    assert calls == {"train": 1, "encode": 4} and third.tokenizer_hash == first.tokenizer_hash
+    assert calls == {"train": 1, "encode": 1} and third.train_path == first.train_path
+    assert third.n_train_blocks == first.n_train_tokens // (SEQ_LEN + 9) and third.counts_path != first.counts_path
     (tmp_path / "corpus" / "extra.txt").write_text("def extra():\n    return 1\n")
     fourth = prepare_data(dcfg, tcfg, SEQ_LEN, log=lambda m: None)
-    assert calls["train"] == 2 and fourth.corpus_hash != first.corpus_hash
-
-
-def test_interrupted_prepare_leaves_no_cache_entry(tmp_path, monkeypatch):
-    write_corpus(tmp_path / "corpus", n_docs=12)
-    dcfg, tcfg = configs(tmp_path, tmp_path / "corpus")
-    real_save = packing.save_blocks
-
-    def save_train_then_die(blocks, path):
-        real_save(blocks, path)
-        raise KeyboardInterrupt  # as if stopped after the train split was written
-
-    monkeypatch.setattr(packing, "save_blocks", save_train_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_data(dcfg, tcfg, SEQ_LEN, log=lambda m: None)
-    packed = tmp_path / "cache" / "packed"
-    assert list(packed.iterdir()) == []  # neither a final entry nor a temporary one
-    monkeypatch.setattr(packing, "save_blocks", real_save)
-    prep = prepare_data(dcfg, tcfg, SEQ_LEN, log=lambda m: None)
-    assert load_split(prep.train_path).shape[0] == prep.n_train_blocks > 0
+    assert calls == {"train": 2, "encode": 2} and fourth.corpus_hash != first.corpus_hash
 
 
 # ---------------------------------------------------------------- sources
@@ -278,7 +267,13 @@ def test_undecodable_files_are_skipped(tmp_path):
     (tmp_path / "c" / "bad.py").write_bytes(b"x = '\xff\xfe'\n")
     messages = []
     docs, _ = read_corpus(DataConfig(source=str(tmp_path / "c")), log=messages.append)
-    assert [d.name for d in docs] == ["good.py"] and "skipped 1 non-UTF-8" in messages[0]
+    assert [d.name for d in docs] == ["good.py"] and "skipped 1 non-UTF-8 document, the first bad.py" in messages[0]
+    # A JSONL line that is not UTF-8 is skipped by itself and named by its line.
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_bytes(b'{"text": "one"}\n{"text": "\xff"}\n{"text": "three"}\n')
+    docs, _ = read_corpus(DataConfig(source=str(tmp_path / "j")), log=messages.append)
+    assert [d.text for d in docs] == ["one", "three"]
+    assert f"skipped 1 non-UTF-8 document, the first {tmp_path / 'j' / 'a.jsonl'}:2" in messages[-1]
 
 
 def test_loaded_tokenizer_is_used_and_gets_an_eos(tmp_path, small_tokenizer):
@@ -336,8 +331,9 @@ def test_text_field_errors_name_the_field(tmp_path):
     assert msg.startswith("data.text_field:") and "a.jsonl:2 has no 'text' field" in msg and "content" in msg
     (tmp_path / "j" / "a.jsonl").write_text('{"text": 5}\n')
     assert "holds int, not text" in user_error(DataConfig(source=str(tmp_path / "j"), cache_dir=str(tmp_path / "c")))
-    (tmp_path / "j" / "a.jsonl").write_text('{"text": "unterminated\n')
-    assert user_error(DataConfig(source=str(tmp_path / "j"))).startswith("data.source:")
+    (tmp_path / "j" / "a.jsonl").write_text('{"text": "ok"}\n\n{"text": "unterminated\n')
+    assert user_error(DataConfig(source=str(tmp_path / "j"))) == (
+        f"data.source: {tmp_path / 'j' / 'a.jsonl'}:3 is not valid JSON (Unterminated string starting at)")
     (tmp_path / "p").mkdir()
     pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "p" / "a.parquet")
     msg = user_error(DataConfig(source=str(tmp_path / "p")))

@@ -56,7 +56,7 @@ def test_first_loss_is_transformers_loss_on_the_same_batches(reference):
     resolved = yaml.safe_load((reference / "recipe.resolved.yaml").read_text())
     assert resolved["model"]["tie_embeddings"] is True and resolved["model"]["d_model"] == 64
     data = PreparedData.from_json((reference / "data.json").read_text())
-    blocks = load_split(data.train_path)
+    blocks = load_split(data.train_path, data.seq_len + 1)
     t = resolved["train"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(resolved["model"]["hf"], local_files_only=True)
     with torch.no_grad():

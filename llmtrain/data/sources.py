@@ -1,18 +1,17 @@
-"""Corpus sources: the documents of a recipe's `data.source`, read one at a time, and the
-train/validation split by document-name hash."""
+"""Corpus sources: the documents of a recipe's `data.source`, streamed one at a time (never all
+held), a scan that hashes them, and the train/validation split by document-name hash."""
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import heapq
 import json
 import os
 import sysconfig
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
-
-import numpy as np
 
 from llmtrain.errors import UserError
 from llmtrain.recipe import DataConfig
@@ -39,12 +38,26 @@ def stdlib_files() -> list[tuple[str, Path]]:
     return sorted((p.relative_to(root).as_posix(), p) for p in found)
 
 
-def _text_file_documents(files: Iterable[tuple[str, Path]], skipped: list[str]) -> Iterator[Document]:
+class Skipped:
+    """Non-UTF-8 documents passed over while reading: how many, and the first one's name."""
+
+    def __init__(self):
+        self.count, self.first = 0, None
+
+    def add(self, name: str) -> None:
+        self.count += 1
+        self.first = self.first or name
+
+    def __str__(self) -> str:
+        return f"skipped {self.count} non-UTF-8 document{'s' if self.count > 1 else ''}, the first {self.first}"
+
+
+def _text_file_documents(files: Iterable[tuple[str, Path]], skipped: Skipped) -> Iterator[Document]:
     for name, path in files:
         try:
             yield Document(name, path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError:
-            skipped.append(name)
+            skipped.add(name)
 
 
 def _local_files(source: str) -> list[tuple[str, Path]]:
@@ -71,26 +84,29 @@ def _local_files(source: str) -> list[tuple[str, Path]]:
     )
 
 
-def _jsonl_documents(name: str, path: Path, field: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"data.source: {path}:{lineno} is not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or field not in record:
-                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise UserError(f"data.text_field: {path}:{lineno} has no {field!r} field (found {keys})")
-                text = record[field]
-                if not isinstance(text, str):
-                    raise UserError(f"data.text_field: {path}:{lineno} field {field!r} holds "
-                                    f"{type(text).__name__}, not text")
-                yield Document(f"{name}:{lineno}", text)
-        except UnicodeDecodeError as e:
-            raise UserError(f"data.source: {path} is not UTF-8 ({e.reason})") from None
+def _jsonl_documents(name: str, path: Path, field: str, skipped: Skipped) -> Iterator[Document]:
+    # Bytes line by line: a non-UTF-8 line is skipped by itself, and errors name their line.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                skipped.add(f"{path}:{lineno}")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"data.source: {path}:{lineno} is not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise UserError(f"data.text_field: {path}:{lineno} has no {field!r} field (found {keys})")
+            text = record[field]
+            if not isinstance(text, str):
+                raise UserError(f"data.text_field: {path}:{lineno} field {field!r} holds "
+                                f"{type(text).__name__}, not text")
+            yield Document(f"{name}:{lineno}", text)
 
 
 def _parquet_documents(name: str, path: Path, field: str) -> Iterator[Document]:
@@ -110,10 +126,10 @@ def _parquet_documents(name: str, path: Path, field: str) -> Iterator[Document]:
             row += 1
 
 
-def _local_documents(cfg: DataConfig, skipped: list[str]) -> Iterator[Document]:
+def _local_documents(cfg: DataConfig, skipped: Skipped) -> Iterator[Document]:
     for name, path in _local_files(cfg.source):
         if path.suffix == ".jsonl":
-            yield from _jsonl_documents(name, path, cfg.text_field)
+            yield from _jsonl_documents(name, path, cfg.text_field, skipped)
         elif path.suffix == ".parquet":
             yield from _parquet_documents(name, path, cfg.text_field)
         else:
@@ -128,11 +144,11 @@ def _hf_documents(cfg: DataConfig) -> Iterator[Document]:
     if not name:
         raise UserError("data.source: 'hf:' needs a dataset name, e.g. 'hf:roneneldan/TinyStories'")
     try:
-        # Streaming when capped: reading a prefix should not download the whole dataset.
-        ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split, streaming=cfg.max_bytes is not None)
+        # Always streaming: records arrive as they are read, whatever the dataset's size.
+        ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split, streaming=True)
         for i, record in enumerate(ds):
             if cfg.text_field not in record:
-                raise UserError(f"data.text_field: {where} has no column {cfg.text_field!r} "
+                raise UserError(f"data.text_field: {where} record {i} has no column {cfg.text_field!r} "
                                 f"(columns: {sorted(record)})")
             if isinstance(record[cfg.text_field], str):
                 yield Document(str(i), record[cfg.text_field])
@@ -156,35 +172,73 @@ def cap_bytes(docs: Iterable[Document], max_bytes: int | None) -> Iterator[tuple
         yield doc, size
 
 
-def read_corpus(cfg: DataConfig, log: Log = print) -> tuple[list[Document], str]:
-    """The corpus's non-empty documents in source order, and a sha256 over their names and texts."""
+def iter_documents(cfg: DataConfig, skipped: Skipped | None = None) -> Iterator[Document]:
+    """The corpus's non-empty documents in source order, read one at a time (capped at
+    data.max_bytes); each call reads the source again from its start."""
     if not cfg.text_field:
         raise UserError("data.text_field: must name the column holding the text, e.g. 'text'")
-    t0 = time.perf_counter()
-    skipped: list[str] = []
+    skipped = skipped if skipped is not None else Skipped()
     if cfg.source == "stdlib":
         docs = _text_file_documents(stdlib_files(), skipped)
     elif cfg.source.startswith("hf:"):
         docs = _hf_documents(cfg)
     else:
         docs = _local_documents(cfg, skipped)
+    return (doc for doc, _ in cap_bytes(docs, cfg.max_bytes) if doc.text)
+
+
+class CorpusScan(NamedTuple):
+    hash: str  # sha256 over the documents' names and texts: the cache key of everything derived
+    n_docs: int
+    n_bytes: int
+    sample: list[Document] | None  # the tokenizer's training sample, when bounded (sample_bytes)
+    split: ValidationRule  # which documents are held out
+
+
+def scan_corpus(cfg: DataConfig, sample_bytes: int | None = None, log: Log = print) -> CorpusScan:
+    """One streaming pass: the content hash, the size, and the documents of lowest name hash up
+    to sample_bytes (so a bounded sample still spreads over the whole corpus)."""
+    t0 = time.perf_counter()
+    skipped = Skipped()
     digest = hashlib.sha256()
-    corpus, n_bytes = [], 0
-    for doc, size in cap_bytes(docs, cfg.max_bytes):
-        if not doc.text:
-            continue
+    sample = LowestHashSample(sample_bytes) if sample_bytes else None
+    split = ValidationRule(cfg.val_fraction)
+    n_docs = n_bytes = 0
+    for doc in iter_documents(cfg, skipped):
+        body = doc.text.encode("utf-8")
         name = doc.name.encode("utf-8")
-        digest.update(len(name).to_bytes(8, "little") + name + size.to_bytes(8, "little"))
-        digest.update(doc.text.encode("utf-8"))
-        corpus.append(doc)
-        n_bytes += size
-    if not corpus:
+        digest.update(len(name).to_bytes(8, "little") + name + len(body).to_bytes(8, "little"))
+        digest.update(body)
+        n_docs, n_bytes = n_docs + 1, n_bytes + len(body)
+        split.see(doc.name)
+        if sample:
+            sample.add(doc, len(body))
+    if not n_docs:
         raise UserError(f"data.source: no documents with text found in {cfg.source!r}"
-                        + (f" ({len(skipped)} files were not UTF-8)" if skipped else ""))
-    log(f"data: {len(corpus):,} documents, {n_bytes / 1e6:.1f} MB of text from {cfg.source!r}"
-        + (f" (skipped {len(skipped)} non-UTF-8 files)" if skipped else "")
-        + f" in {time.perf_counter() - t0:.1f}s")
-    return corpus, digest.hexdigest()
+                        + (f" ({skipped})" if skipped.count else ""))
+    log(f"data: {n_docs:,} documents, {n_bytes / 1e6:.1f} MB of text from {cfg.source!r}"
+        + (f" ({skipped})" if skipped.count else "") + f" in {time.perf_counter() - t0:.1f}s")
+    return CorpusScan(digest.hexdigest(), n_docs, n_bytes, sample.documents() if sample else None, split)
+
+
+class LowestHashSample:
+    """The documents that lead the corpus sorted by name hash until `max_bytes`: what sorting the
+    whole corpus and capping would keep, in memory bounded by max_bytes plus one document."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.total, self.heap, self.seq = max_bytes, 0, [], 0
+
+    def add(self, doc: Document, size: int) -> None:
+        heapq.heappush(self.heap, (-unit_hash(doc.name), self.seq, size, doc))
+        self.seq += 1
+        self.total += size
+        # The largest hash is never used once the documents before it already fill the sample.
+        while self.heap and self.total - self.heap[0][2] >= self.max_bytes:
+            self.total -= heapq.heappop(self.heap)[2]
+
+    def documents(self) -> list[Document]:
+        """In name-hash order."""
+        return [doc for *_, doc in sorted(self.heap, key=lambda e: (-e[0], e[1]))]
 
 
 # ---------------------------------------------------------------- split
@@ -195,19 +249,38 @@ def unit_hash(name: str) -> float:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
+class ValidationRule:
+    """Held out: documents whose name hash is below val_fraction; when none is, the lowest hash,
+    and when all are, the highest stays in train. `see` every name first (one streaming pass)."""
+
+    def __init__(self, val_fraction: float):
+        self.val_fraction, self.n, self.n_val = val_fraction, 0, 0
+        self.lowest: tuple[float, str | None] = (2.0, None)
+        self.highest: tuple[float, str | None] = (-1.0, None)
+
+    def see(self, name: str) -> None:
+        u = unit_hash(name)
+        self.n += 1
+        self.n_val += u < self.val_fraction
+        self.lowest, self.highest = min(self.lowest, (u, name)), max(self.highest, (u, name))
+
+    def is_val(self, name: str) -> bool:
+        if self.n < 2:
+            raise UserError(
+                "data.source: found a single document, but the train/validation split is by whole "
+                "documents; use several files, or JSONL with one document per line"
+            )
+        if self.n_val == 0 and name == self.lowest[1]:
+            return True
+        if self.n_val == self.n and name == self.highest[1]:
+            return False
+        return unit_hash(name) < self.val_fraction
+
+
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
-    """(train, val) by the hash of each document's name; at least one document on each side."""
-    if len(docs) < 2:
-        raise UserError(
-            "data.source: found a single document, but the train/validation split is by whole "
-            "documents; use several files, or JSONL with one document per line"
-        )
-    u = [unit_hash(d.name) for d in docs]
-    is_val = [x < val_fraction for x in u]
-    if not any(is_val):  # a small corpus can miss a small fraction: hold out the lowest hash
-        is_val[int(np.argmin(u))] = True
-    if all(is_val):
-        is_val[int(np.argmax(u))] = False
-    train = [d for d, v in zip(docs, is_val) if not v]
-    val = [d for d, v in zip(docs, is_val) if v]
-    return train, val
+    """(train, val) of a list of documents by `ValidationRule`."""
+    rule = ValidationRule(val_fraction)
+    for d in docs:
+        rule.see(d.name)
+    is_val = [rule.is_val(d.name) for d in docs]
+    return [d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v]

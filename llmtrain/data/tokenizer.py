@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
 from llmtrain.data.cache import atomic_dir, cache_key, sha256_file
-from llmtrain.data.sources import Document, Log, cap_bytes, unit_hash
+from llmtrain.data.sources import CorpusScan, Log, cap_bytes, iter_documents
 from llmtrain.errors import UserError
-from llmtrain.recipe import TokenizerConfig
+from llmtrain.recipe import DataConfig, TokenizerConfig
 
 EOS_TOKEN = "<|endoftext|>"
 # End-of-document tokens of common pretrained tokenizers, tried in order when loading one.
@@ -42,11 +42,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return tok
 
 
-def _tokenizer_sample(docs: list[Document], train_bytes: int | None) -> Iterator[str]:
-    """Texts for tokenizer training: in name-hash order, so a byte cap still spreads over the
-    whole corpus instead of its alphabetical head."""
-    ordered = sorted(docs, key=lambda d: unit_hash(d.name)) if train_bytes else docs
-    return (doc.text for doc, _ in cap_bytes(ordered, train_bytes))
+def tokenizer_texts(scan: CorpusScan, data_cfg: DataConfig, train_bytes: int | None) -> Callable[[], Iterator[str]]:
+    """Texts for tokenizer training: the scan's bounded sample (name-hash order, so the cap
+    spreads over the whole corpus instead of its alphabetical head), or the whole corpus streamed."""
+    if train_bytes:
+        return lambda: (doc.text for doc, _ in cap_bytes(scan.sample, train_bytes))
+    return lambda: (doc.text for doc in iter_documents(data_cfg))
 
 
 def _load_user_tokenizer(tok_cfg: TokenizerConfig):
@@ -71,7 +72,7 @@ def _load_user_tokenizer(tok_cfg: TokenizerConfig):
     return tok
 
 
-def prepare_tokenizer(tok_cfg: TokenizerConfig, docs: list[Document], corpus_hash: str, cache: Path,
+def prepare_tokenizer(tok_cfg: TokenizerConfig, texts: Callable[[], Iterable[str]], corpus_hash: str, cache: Path,
                       log: Log = print) -> Path:
     """tokenizer.json in the cache (trained, or a copy of tokenizer.path with an eos ensured)."""
     import tokenizers
@@ -91,8 +92,7 @@ def prepare_tokenizer(tok_cfg: TokenizerConfig, docs: list[Document], corpus_has
     if tok_cfg.path:
         tok = _load_user_tokenizer(tok_cfg)
     else:
-        tok = train_tokenizer(_tokenizer_sample(docs, tok_cfg.train_bytes), tok_cfg.vocab_size,
-                              tok_cfg.min_frequency)
+        tok = train_tokenizer(texts(), tok_cfg.vocab_size, tok_cfg.min_frequency)
     eos = next(t for t in KNOWN_EOS_TOKENS if tok.token_to_id(t) is not None)
     with atomic_dir(final) as tmp:
         tok.save(str(tmp / "tokenizer.json"))

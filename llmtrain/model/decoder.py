@@ -42,6 +42,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def document_layout(ids: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed blocks [B, T] of documents each ending with `eos`: every token's position inside
+    its document [B, T], and the block-diagonal causal mask [B, 1, T, T] (True = may attend) that
+    keeps attention inside each document. A block's first token counts as a document start."""
+    T = ids.shape[1]
+    t = torch.arange(T, device=ids.device)
+    is_end = ids == eos
+    doc = is_end.cumsum(1) - is_end.long()  # eos closes its own document
+    starts_here = torch.ones_like(is_end)
+    starts_here[:, 1:] = is_end[:, :-1]
+    start = torch.where(starts_here, t, 0).cummax(1).values
+    mask = (doc[:, :, None] == doc[:, None, :]) & (t[:, None] >= t[None, :])
+    return t - start, mask.unsqueeze(1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -49,11 +64,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask=None):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -77,8 +95,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -94,15 +112,22 @@ class Body(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = cfg.activation_checkpointing
+        # data.document_mask: the end-of-document id; attention and positions then stay per document.
+        self.document_eos: int | None = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         T = ids.shape[1]
         x = self.embed(ids)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        mask = None
+        if self.document_eos is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            positions, mask = document_layout(ids, self.document_eos)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # [B, 1, T, hd/2]
         # Only when a backward will follow: eval and no_grad runs keep nothing to recompute.
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             # Non-reentrant: it reruns block(...) as a module call, so ZeRO-3's forward hooks gather
             # the block's partitioned weights again for the recomputation inside backward.
-            x = checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin)
+            x = checkpoint(block, x, cos, sin, mask, use_reentrant=False) if recompute else block(x, cos, sin, mask)
         return self.norm(x)

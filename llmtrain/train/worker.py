@@ -120,6 +120,8 @@ class Worker:
         ds_config = deepspeed_config(r, self.world, load_universal=checkpoint is not None and is_universal(checkpoint))
         # On resume the checkpoint holds the weights: a Hugging Face folder's are not read again.
         model = build_model(r, self.data.vocab_size, ds_config, load_weights=checkpoint is None)
+        if r.data.document_mask:
+            model.body.document_eos = self.data.eos_id
         model.head.prepare(torch.from_numpy(np.load(self.data.counts_path)))
         if r.temperature.enabled:
             self._add_temperature(model, resume)
@@ -128,8 +130,9 @@ class Worker:
             model=model, model_parameters=param_groups(model, r.train.weight_decay, r.temperature.weight_decay),
             config=ds_config,
         )
-        self.train_blocks = load_split(self.data.train_path)
-        self.val_blocks = load_split(self.data.val_path)
+        # Memory-mapped: a rank holds only the blocks of its current micro-batch.
+        self.train_blocks = load_split(self.data.train_path, self.data.seq_len + 1)
+        self.val_blocks = load_split(self.data.val_path, self.data.seq_len + 1)
         self.token_bytes = token_bytes(self.data.tokenizer_path).to(self.device)
         self.sampler = ResumableSampler(len(self.train_blocks), r.train.micro_batch, self.rank, self.world, r.train.seed)
         self.step, self.tokens_seen = 0, 0
