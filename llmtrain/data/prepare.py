@@ -145,7 +145,7 @@ def tokenize_corpus(data_cfg: DataConfig, scan: CorpusScan, tokenizer_path: str,
         for split, m in manifests.items():
             meta.update({f"n_{split}_tokens": m["n_tokens"], f"n_{split}_docs": m["n_docs"],
                          f"n_{split}_shards": len(m["shards"])})
-        (partial / "meta.json").write_text(json.dumps(meta))
+        write_json_atomic(partial / "meta.json", meta)
         progress_path.unlink(missing_ok=True)
         os.rename(partial, final)
     log(f"data: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} validation tokens in "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmtrain.data.cache import sha256_file
+from llmtrain.data.cache import sha256_file, write_json_atomic
 from llmtrain.errors import UserError
 
 TOKEN_DTYPE = np.uint32  # vocabularies exceed 65,535 (no uint16); 4 bytes a token
@@ -81,7 +81,7 @@ class ShardWriter:
         if self._file is not None:
             self._close()
         manifest = {"n_tokens": self.n_tokens, "n_docs": self.docs_done, "shards": self.shards}
-        (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        write_json_atomic(self.folder / MANIFEST, manifest)
         return manifest
 
     # ---------------------------------------------------------------- one shard
