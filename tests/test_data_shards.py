@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, checkout_env, llmtrain
+from conftest import ROOT, checkout_env, llmtrain, records
 from test_data import SEQ_LEN, configs, write_corpus
 from llmtrain.data import encode
 from llmtrain.data.packing import load_split
@@ -254,3 +254,33 @@ def test_document_mask_is_refused_for_hugging_face_bodies(tmp_path):
     with pytest.raises(UserError, match="data.document_mask: not supported with model.hf"):
         validate_recipe({"model": {"hf": str(folder)}, "data": {"document_mask": True}})
     validate_recipe({"model": {"hf": str(folder)}, "data": {"document_mask": False}})
+
+
+def test_bounded_tokenizer_sample_is_the_sorted_corpus_capped():
+    import random
+
+    from llmtrain.data.sources import LowestHashSample, cap_bytes, unit_hash
+
+    rng = random.Random(0)
+    docs = [Document(f"d{i}", "x" * rng.randint(1, 300)) for i in range(400)]
+    for cap in (1, 250, 5_000, 30_000, 10**6):
+        sample = LowestHashSample(cap)
+        for d in docs:
+            sample.add(d, len(d.text))
+        reference = [d for d, _ in cap_bytes(sorted(docs, key=lambda d: unit_hash(d.name)), cap)]
+        assert [d for d, _ in cap_bytes(sample.documents(), cap)] == reference
+        assert sum(len(d.text) for d in sample.documents()) < cap + 300  # bounded by the cap and one document
+
+
+@pytest.mark.slow
+def test_resume_on_many_small_shards_is_bit_for_bit(recipe, tmp_path):
+    """2 ranks reading blocks that cross shard boundaries: stopped and resumed = straight through."""
+    over = [f"data.cache_dir={tmp_path / 'cache'}", "data.shard_tokens=1024", "checkpoint.every=100"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    llmtrain("run", recipe, *over, "--out", straight)
+    data = json.loads((straight / "data.json").read_text())
+    assert len(list(Path(data["train_path"]).glob("*.bin"))) > 10
+    llmtrain("run", recipe, *over, "--out", split, "--stop-after", 3)
+    llmtrain("run", recipe, *over, "--out", split, "--resume", "auto")
+    losses = [{r["step"]: r["loss"] for r in records(run)} for run in (straight, split)]
+    assert losses[0] == losses[1] and sorted(losses[0]) == list(range(1, 9))

@@ -229,7 +229,8 @@ class LowestHashSample:
         self.max_bytes, self.total, self.heap, self.seq = max_bytes, 0, [], 0
 
     def add(self, doc: Document, size: int) -> None:
-        heapq.heappush(self.heap, (-unit_hash(doc.name), self.seq, size, doc))
+        # A max-heap of (hash, arrival): its top is the document that sorts last.
+        heapq.heappush(self.heap, (-unit_hash(doc.name), -self.seq, size, doc))
         self.seq += 1
         self.total += size
         # The largest hash is never used once the documents before it already fill the sample.
@@ -238,7 +239,7 @@ class LowestHashSample:
 
     def documents(self) -> list[Document]:
         """In name-hash order."""
-        return [doc for *_, doc in sorted(self.heap, key=lambda e: (-e[0], e[1]))]
+        return [doc for *_, doc in sorted(self.heap, key=lambda e: (-e[0], -e[1]))]
 
 
 # ---------------------------------------------------------------- split
