@@ -333,7 +333,7 @@ def test_text_field_errors_name_the_field(tmp_path):
     assert "holds int, not text" in user_error(DataConfig(source=str(tmp_path / "j"), cache_dir=str(tmp_path / "c")))
     (tmp_path / "j" / "a.jsonl").write_text('{"text": "ok"}\n\n{"text": "unterminated\n')
     assert user_error(DataConfig(source=str(tmp_path / "j"))) == (
-        f"data.source: {tmp_path / 'j' / 'a.jsonl'}:3 is not valid JSON (Unterminated string starting at)")
+        f"data.source: {tmp_path / 'j' / 'a.jsonl'}:3 is not valid JSON (Invalid control character at)")
     (tmp_path / "p").mkdir()
     pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "p" / "a.parquet")
     msg = user_error(DataConfig(source=str(tmp_path / "p")))

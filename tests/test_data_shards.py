@@ -36,7 +36,7 @@ def quiet(_):
 def reference_streams(prep, corpus: Path) -> dict[str, list[list[int]]]:
     """Per split, each document's ids + eos, by the tokenizer encoding it alone, in name order."""
     tok = load_tokenizer(prep.tokenizer_path)
-    docs = [Document(p.name, p.read_text(encoding="utf-8")) for p in sorted(corpus.glob("*.txt"))]
+    docs = [Document(p.name, p.read_bytes().decode("utf-8")) for p in sorted(corpus.glob("*.txt"))]
     train, val = split_documents(docs, 0.2)
     return {split: [tok.encode(d.text, add_special_tokens=False).ids + [prep.eos_id] for d in part]
             for split, part in (("train", train), ("val", val))}
@@ -109,6 +109,7 @@ def test_interrupted_preparation_resumes_after_its_last_shard(tmp_path, monkeypa
     assert not list((tmp_path / "cache" / "tokens").glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_killed_preparation_resumes_through_the_cli(tmp_path, recipe):
     """SIGKILL the CLI while it writes shards; the next run continues and ends with the same shards."""
     over = [f"data.cache_dir={tmp_path / 'cache'}", "data.shard_tokens=8192", "data.max_bytes=1500000",

@@ -120,8 +120,11 @@ def tokenize_corpus(data_cfg: DataConfig, scan: CorpusScan, tokenizer_path: str,
         t0 = time.perf_counter()
         progress_path = partial / "progress.json"
         progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
-        writers = {split: ShardWriter(partial / split, data_cfg.shard_tokens, vocab_size, progress.get(split))
-                   for split in SPLITS}
+        def save_progress():
+            write_json_atomic(progress_path, {s: w.state() for s, w in writers.items()})
+
+        writers = {split: ShardWriter(partial / split, data_cfg.shard_tokens, vocab_size, progress.get(split),
+                                      on_close=save_progress) for split in SPLITS}
         if progress:
             log("data: resuming an interrupted preparation after "
                 + " and ".join(f"{len(w.shards)} {split} shards" for split, w in writers.items()))
@@ -137,8 +140,7 @@ def tokenize_corpus(data_cfg: DataConfig, scan: CorpusScan, tokenizer_path: str,
 
         num_proc = data_cfg.num_proc or default_num_proc()
         for split, ids, lens in encode_batches(batch_documents(routed()), tokenizer_path, eos_id, num_proc):
-            if writers[split].append(ids, lens):
-                write_json_atomic(progress_path, {s: w.state() for s, w in writers.items()})
+            writers[split].append(ids, lens)
         manifests = {split: w.finish() for split, w in writers.items()}
         np.save(partial / "counts.npy", token_counts(partial / "train", vocab_size))
         meta = {"format": TOKENS_FORMAT, "vocab_size": vocab_size}

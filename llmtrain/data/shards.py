@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -29,11 +30,13 @@ class ShardWriter:
 
     `state` (from an earlier writer's `state()`) resumes after its last closed shard: the caller
     skips `docs_done` documents and sends the next one whole; its first `skip_tokens` tokens
-    were already written and are dropped here.
+    were already written and are dropped here. `on_close` runs after each shard is closed (and
+    synced): the moment to save `state()`.
     """
 
-    def __init__(self, folder: Path, shard_tokens: int, vocab_size: int, state: dict | None = None):
-        self.folder, self.shard_tokens, self.vocab_size = folder, shard_tokens, vocab_size
+    def __init__(self, folder: Path, shard_tokens: int, vocab_size: int, state: dict | None = None,
+                 on_close: Callable[[], None] | None = None):
+        self.folder, self.shard_tokens, self.vocab_size, self.on_close = folder, shard_tokens, vocab_size, on_close
         folder.mkdir(parents=True, exist_ok=True)
         state = state or {"shards": [], "n_tokens": 0, "docs_done": 0, "skip_tokens": 0}
         self.shards: list[dict] = list(state["shards"])
@@ -49,9 +52,8 @@ class ShardWriter:
         return {"shards": self.shards, "n_tokens": self.n_tokens, "docs_done": self.docs_done,
                 "skip_tokens": self.n_tokens - self.committed_end}
 
-    def append(self, ids: np.ndarray, doc_lens: np.ndarray) -> list[dict]:
-        """Write whole documents' tokens (each ending with eos); `doc_lens` their lengths. Returns
-        the shards this closed (so the caller can save `state()`)."""
+    def append(self, ids: np.ndarray, doc_lens: np.ndarray) -> None:
+        """Write whole documents' tokens (each ending with eos); `doc_lens` their lengths."""
         if ids.size and int(ids.max()) >= self.vocab_size:
             bad = int(ids.max())
             raise UserError(f"tokenizer: token id {bad} is outside the vocabulary of {self.vocab_size} "
@@ -63,7 +65,6 @@ class ShardWriter:
             cut = min(self.drop, ids.size)
             ids, self.drop = ids[cut:], self.drop - cut
         ids = np.ascontiguousarray(ids, dtype=TOKEN_DTYPE)
-        closed = []
         start = self.n_tokens + self._open_tokens()
         while ids.size:
             if self._file is None:
@@ -73,8 +74,7 @@ class ShardWriter:
             self._write(piece, ends[(ends > start) & (ends <= start + piece.size)])
             start += piece.size
             if self._tokens == self.shard_tokens:
-                closed.append(self._close())
-        return closed
+                self._close()
 
     def finish(self) -> dict:
         """Close the last shard and write the manifest; returns it."""
@@ -110,7 +110,7 @@ class ShardWriter:
         if doc_ends.size:
             self._last_doc_end = int(doc_ends[-1])
 
-    def _close(self) -> dict:
+    def _close(self) -> None:
         i = len(self.shards)
         for f in (self._file, self._idx):
             f.flush()
@@ -126,7 +126,8 @@ class ShardWriter:
         if self._last_doc_end is not None:
             self.committed_end = self._last_doc_end
         self._file = self._idx = None
-        return entry
+        if self.on_close:
+            self.on_close()
 
 
 # ---------------------------------------------------------------- reading and checking
