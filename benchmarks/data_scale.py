@@ -1,8 +1,8 @@
 """Data at scale (issue 14): peak memory of preparation and of one training rank at several corpus
 sizes, and tokenization throughput against the `tokenizers` library's own `encode_batch`.
 
-usage: python benchmarks/data_scale.py [--sizes 30e6 300e6 1500e6] [--speed-bytes 100e6] [--repeats 3]
-                                       [--work /tmp/llmtrain-data-bench] [--keep]
+usage: python benchmarks/data_scale.py [--sizes 30e6 300e6 1500e6] [--rank-tokens 8e6 80e6 400e6]
+                                       [--speed-bytes 100e6] [--repeats 3] [--work /tmp/llmtrain-data-bench]
 
 Corpora are the stdlib's .py files repeated under distinct document names, as JSONL files of
 about 64 MB, generated under --work and deleted at the end (unless --keep). Every measurement is
@@ -10,7 +10,10 @@ its own process; peak RSS is the process's high-water mark (ru_maxrss), and for 
 the largest of its tokenizing processes.
 
 Memory: `prepare_data` from an empty cache, then one training rank (`python -m llmtrain.train`,
-world size 1, 4 steps of a tiny model, evaluation included) on the prepared run folder.
+world size 1, 4 steps of a tiny model, evaluation included) on the prepared run folder. Where
+tokenizing a large corpus takes too long on a loaded machine, --rank-tokens measures the rank on
+train shards of that many random token ids (the last corpus's run folder, its train split
+replaced): a rank's memory depends on the shards it maps, not on where their ids came from.
 Speed: the same text (the first --speed-bytes of the middle corpus) through our preparation's
 tokenizing pass (reading, parallel encoding, shard writing: `tokenize_corpus`) and through
 `Tokenizer.encode_batch` with all cores on texts already in memory, alternated --repeats times.
@@ -127,9 +130,35 @@ def train_rank_peak(corpus: Path, cache: Path, run: Path, args) -> int:
     return peak
 
 
+def synthetic_rank_peak(run: Path, work: Path, n_tokens: int) -> int:
+    """Peak RSS of one training rank whose train split is n_tokens random ids in shards."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from llmtrain.data.shards import ShardWriter
+
+    data = json.loads((run / "data.json").read_text())
+    shutil.copytree(run, work / "run", ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "status.yaml"))
+    writer = ShardWriter(work / "train", 1 << 26, data["vocab_size"])
+    rng = np.random.default_rng(0)
+    for start in range(0, n_tokens, 1 << 24):
+        n = min(1 << 24, n_tokens - start)
+        writer.append(rng.integers(0, data["vocab_size"], n, dtype=np.uint32), np.array([n]))
+    writer.finish()
+    block = data["seq_len"] + 1
+    data.update(train_path=str(work / "train"), n_train_tokens=n_tokens, n_train_blocks=n_tokens // block)
+    (work / "run" / "data.json").write_text(json.dumps(data))
+    env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    _, peak = peak_of([sys.executable, "-m", "llmtrain.train", str(work / "run")], env=env)
+    shutil.rmtree(work, ignore_errors=True)
+    return peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", type=float, default=[30e6, 300e6, 1500e6])
+    ap.add_argument("--rank-tokens", nargs="*", type=float, default=[])
     ap.add_argument("--speed-bytes", type=float, default=100e6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=8192)
@@ -157,6 +186,12 @@ def main() -> None:
             if size != args.sizes[len(args.sizes) // 2]:
                 shutil.rmtree(cache, ignore_errors=True)
                 shutil.rmtree(corpus, ignore_errors=True)
+        last_run = args.work / f"run-{args.sizes[-1] / 1e6:.0f}MB"
+        for n in args.rank_tokens:
+            peak = synthetic_rank_peak(last_run, args.work / f"synthetic-{n:.0f}", int(n))
+            rows.append((None, None, None, peak))
+            print(f"{n:,.0f} random train tokens in shards ({n * 4 / 2**30:.2f} GiB): training rank peak "
+                  f"{peak / 2**20:,.0f} MiB", flush=True)
         middle = args.sizes[len(args.sizes) // 2]
         corpus = args.work / f"corpus-{middle / 1e6:.0f}MB"
         ratios = []
@@ -174,8 +209,9 @@ def main() -> None:
                   f"({ours['tokenize_s']:.1f}s), encode_batch {args.speed_bytes / 1e6 / ref['encode_s']:.1f} MB/s "
                   f"({ref['encode_s']:.1f}s), ours / reference rate {ratios[-1]:.2f}", flush=True)
         print(f"median rate ratio (ours / encode_batch): {statistics.median(ratios):.2f}")
-        print(f"prepare peak, largest - smallest: {(rows[-1][2] - rows[0][2]) / 2**20:+,.0f} MiB; "
-              f"training rank: {(rows[-1][3] - rows[0][3]) / 2**20:+,.0f} MiB")
+        prepared = [r for r in rows if r[2] is not None]
+        print(f"prepare peak, largest - smallest corpus: {(prepared[-1][2] - prepared[0][2]) / 2**20:+,.0f} MiB; "
+              f"training rank, largest - smallest: {(rows[-1][3] - rows[0][3]) / 2**20:+,.0f} MiB")
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)

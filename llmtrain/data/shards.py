@@ -20,8 +20,8 @@ import numpy as np
 from llmtrain.data.cache import sha256_file, write_json_atomic
 from llmtrain.errors import UserError
 
-TOKEN_DTYPE = np.uint32  # vocabularies exceed 65,535 (no uint16); 4 bytes a token
-INDEX_DTYPE = np.int64
+TOKEN_DTYPE = np.dtype("<u4")  # little-endian uint32: vocabularies exceed 65,535 (no uint16)
+INDEX_DTYPE = np.dtype("<i8")
 MANIFEST = "shards.json"
 
 
@@ -117,8 +117,8 @@ class ShardWriter:
             os.fsync(f.fileno())  # the manifest that names this shard must not outlive its bytes
             f.close()
         entry = {"file": self._path(i, ".bin").name, "index": self._path(i, ".idx").name,
-                 "tokens": self._tokens, "docs": self._ndocs, "bytes": self._tokens * TOKEN_DTYPE().itemsize,
-                 "index_bytes": self._ndocs * INDEX_DTYPE().itemsize,
+                 "tokens": self._tokens, "docs": self._ndocs, "bytes": self._tokens * TOKEN_DTYPE.itemsize,
+                 "index_bytes": self._ndocs * INDEX_DTYPE.itemsize,
                  "sha256": self._sha.hexdigest(), "index_sha256": self._idx_sha.hexdigest()}
         self.shards.append(entry)
         self.n_tokens += self._tokens
