@@ -285,3 +285,11 @@ def test_resume_on_many_small_shards_is_bit_for_bit(recipe, tmp_path):
     llmtrain("run", recipe, *over, "--out", split, "--resume", "auto")
     losses = [{r["step"]: r["loss"] for r in records(run)} for run in (straight, split)]
     assert losses[0] == losses[1] and sorted(losses[0]) == list(range(1, 9))
+
+
+def test_a_split_in_the_old_arrow_format_gets_a_clear_error(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "data-00000-of-00001.arrow").write_bytes(b"old blocks")
+    with pytest.raises(UserError, match=r"Arrow blocks written by an older llmtrain: run `llmtrain run RECIPE --out RUN "
+                                        r"--resume auto` to prepare the data again"):
+        load_split(tmp_path / "train", SEQ_LEN + 1)
