@@ -391,7 +391,6 @@ def heads_command(
     \b
       llmtrain bench heads --tokens 256 --vocab 4096 --hidden 64 --repeats 2 --heads softmax,cce --peers torch-eager
       llmtrain bench heads --tokens 256 --vocab 4096 --hidden 64 --repeats 2 --heads cce,cce:chunk_size=64 --peers '' --json -
-      llmtrain bench heads --tokens 4096 --vocab 65536 --hidden 512 --json bench.json
     """
     import torch
     from rich.console import Console

@@ -9,14 +9,16 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 from rich.console import Console
 
 from llmtrain import __version__
-from llmtrain.errors import UserError, user_errors
+from llmtrain.errors import UserError, problems_error, user_errors
 
+# launch.local.MULTINODE_LAUNCHERS (a test keeps them equal): importing it would import torch for --help
+MULTINODE_LAUNCHERS = ("pdsh", "openmpi", "mpich", "impi", "mvapich", "slurm")
 PLAIN = {"rich_markup_mode": None, "context_settings": {"help_option_names": ["-h", "--help"]}}
 app = typer.Typer(
     help="Train large-vocabulary decoder-only LMs under DeepSpeed ZeRO with a swappable output head.\n\n"
@@ -31,7 +33,7 @@ app = typer.Typer(
     "  llmtrain run my-tiny.yaml train.steps=30 --out runs/tiny --resume auto\n"
     "  llmtrain export runs/tiny --out exported/tiny\n"
     "  llmtrain generate runs/tiny --prompt 'def main(' --max-new-tokens 20 --top-p 0.9\n"
-    "  llmtrain launch slurm my-tiny.yaml --nodes 4 --time 4:00:00 --account myproject --dry-run\n\n"
+    "  llmtrain launch slurm my-tiny.yaml --nodes 4 --gpus-per-node 8 --time 4:00:00 --account myproject --dry-run\n\n"
     "Every command has its own --help with more examples. Exit codes: 0 done, 1 training failed, "
     "2 a mistake in the command line, recipe or files (nothing started).",
     no_args_is_help=True,
@@ -75,8 +77,8 @@ def run(
     stop_after: Optional[int] = typer.Option(None, min=1, help="run this many steps of the schedule, save and exit"),
     hostfile: Optional[Path] = typer.Option(None, help="multi-node: DeepSpeed hostfile ('HOST slots=N' per line); "
                                             "sets launch.nodes and launch.ranks_per_node"),
-    launcher: Optional[str] = typer.Option(None, help="with --hostfile: DeepSpeed's multi-node launcher, one of "
-                                           "pdsh (default), openmpi, mpich, impi, mvapich, slurm"),
+    launcher: Optional[Literal[MULTINODE_LAUNCHERS]] = typer.Option(
+        None, help="with --hostfile: DeepSpeed's multi-node launcher [default: pdsh]", show_default=False),
     deepspeed_args: str = typer.Option("", help="with --hostfile: more options for DeepSpeed's launcher, quoted, "
                                        "e.g. '--include node1 --ssh_port 2222'"),
     prepare_only: bool = typer.Option(False, help="prepare data, the run folder and (on a new world size) the universal "
@@ -94,7 +96,7 @@ def run(
     \b
       llmtrain run my-tiny.yaml train.steps=20 --out runs/tiny
       llmtrain run my-tiny.yaml train.steps=30 --out runs/tiny --resume auto
-      llmtrain run my-tiny.yaml train.steps=20 head.type=cce deepspeed.zero_stage=3 --out runs/tiny-z3
+      llmtrain run my-tiny.yaml train.steps=12 head.type=cce deepspeed.zero_stage=3 --out runs/tiny-z3
     """
     from llmtrain.train.checkpoint import check_compatible, read_meta, resolve_resume
     from llmtrain.data.prepare import prepare_data
@@ -146,7 +148,6 @@ def _multinode_options(recipe, hostfile: Path | None, launcher: str | None, deep
     import shlex
 
     from llmtrain.launch.hostfile import read_hostfile
-    from llmtrain.launch.local import MULTINODE_LAUNCHERS
 
     if hostfile is None:
         if launcher or deepspeed_args:
@@ -240,8 +241,8 @@ def launch_slurm(
     Examples:
 
     \b
-      llmtrain launch slurm my-tiny.yaml --nodes 4 --time 4:00:00 --dry-run
-      llmtrain launch slurm my-tiny.yaml launch.ranks_per_node=8 --nodes 2 --account myproject --qos high --constraint a100 --sbatch-line=--mail-type=END --dry-run
+      llmtrain launch slurm my-tiny.yaml --nodes 4 --gpus-per-node 8 --time 4:00:00 --dry-run
+      llmtrain launch slurm my-tiny.yaml --nodes 2 --gpus-per-node 8 --qos high --constraint a100 --sbatch-line=--mail-type=END --dry-run
     """
     import shutil
     import subprocess
@@ -333,7 +334,7 @@ def generate(
 
     \b
       llmtrain generate runs/tiny --prompt 'def main(' --max-new-tokens 20
-      llmtrain generate runs/tiny --prompt 'import os' --max-new-tokens 20 --top-p 0.9 --temperature 0.8
+      llmtrain generate runs/tiny --prompt 'import os' --max-new-tokens 8 --top-p 0.9 --temperature 0.8
     """
     from llmtrain.generate import generate_text, parse_temperature
 
@@ -362,9 +363,7 @@ def recipe_check(
     recipe = load_recipe(recipe_path, overrides or [])
     problems = _missing_paths(recipe)
     if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise UserError(f"{recipe_path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n{lines}\n"
-                        "(relative paths are read from the folder llmtrain runs in)")
+        raise problems_error(str(recipe_path), problems)
     sys.stdout.write(recipe.to_yaml())
     err.print(f"ok: {recipe_path} is valid ({recipe.world_size} ranks, head {recipe.head.type})")
 
@@ -383,7 +382,8 @@ def _missing_paths(recipe) -> list[str]:
             problems.append(str(e))
     for key, value in (("tokenizer.path", recipe.tokenizer.path), ("temperature.init_from", recipe.temperature.init_from)):
         if value and not Path(value).expanduser().exists():
-            problems.append(f"{key}: {value!r} does not exist")
+            problems.append(f"{key}: {value!r} does not exist (relative paths are read from the folder llmtrain "
+                            "runs in)")
     return problems
 
 

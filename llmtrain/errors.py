@@ -27,3 +27,11 @@ def user_errors(command):
             raise SystemExit(UserError.exit_code) from None
 
     return wrapper
+
+
+def problems_error(where: str, problems: list[str]) -> UserError:
+    """One UserError for every problem found in `where` (a file, a flag): one line for one problem,
+    a list for several."""
+    if len(problems) == 1:
+        return UserError(f"{where}: {problems[0]}")
+    return UserError(f"{where}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))

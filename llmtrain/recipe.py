@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import glob
 import os
 import re
 import types
@@ -21,7 +20,7 @@ from typing import Any, Literal, NamedTuple, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llmtrain.errors import UserError
+from llmtrain.errors import UserError, problems_error
 from llmtrain.heads import HEADS, head_class, parse_head_options
 from llmtrain.heads.temperature import temperature_problems
 
@@ -336,7 +335,11 @@ def validate_recipe(raw: dict[str, Any], overrides: Sequence[str] = (), source: 
         from llmtrain.model.hf import resolve_recipe_fields
 
         errors += resolve_recipe_fields(raw)
-    errors += _number_problems(Recipe, raw)
+    numbers = _number_problems(Recipe, raw)
+    for key in numbers:  # reported once, not again by rules that read the coerced value
+        section, _, name = key.rpartition(".")
+        (raw.get(section) if section else raw).pop(name)
+    errors += numbers.values()
     recipe = None
     try:
         recipe = Recipe.model_validate(raw)
@@ -347,10 +350,8 @@ def validate_recipe(raw: dict[str, Any], overrides: Sequence[str] = (), source: 
     head, temperature = raw.get("head") or {}, raw.get("temperature") or {}
     if isinstance(head, dict) and isinstance(temperature, dict) and temperature.get("enabled") is True and not head_errors:
         errors += temperature_problems(head_class(head.get("type", "softmax")), head)
-    errors = list(dict.fromkeys(errors))
     if errors:
-        lines = "\n".join(f"  - {e}" for e in errors)
-        raise UserError(f"{source}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n{lines}")
+        raise problems_error(source, list(dict.fromkeys(errors)))
     return recipe
 
 
@@ -370,7 +371,7 @@ def _apply_override(raw: dict, item: str) -> str | None:
         value = parse_value(text) if text else None
     except ValueError as e:
         if text[0] in "[{\"'":  # meant as a list, mapping or quoted text
-            return f"override {printable(key)}: {_shown(text)} is not valid YAML ({printable(str(e))})"
+            return f"override {printable(key)}: {_shown(text)} is not valid YAML: {printable(str(e), 160)}"
         value = text  # words YAML cannot read, such as a glob (*.jsonl): the text itself
     node[parts[-1]] = value
     return None
@@ -414,22 +415,22 @@ def _types_in(annotation: Any) -> set:
     return {annotation}
 
 
-def _number_problems(model: type[BaseModel], raw: Any, prefix: str = "") -> list[str]:
-    """What pydantic's lax mode lets through: true/false where a number goes (it reads true as 1),
-    integers past int64 (torch, numpy and DeepSpeed cannot hold them)."""
+def _number_problems(model: type[BaseModel], raw: Any, prefix: str = "") -> dict[str, str]:
+    """{dotted key: problem} for what pydantic's lax mode lets through: true/false where a number
+    goes (it reads true as 1), integers past int64 (torch, numpy and DeepSpeed cannot hold them)."""
     if not isinstance(raw, dict):
-        return []
-    problems = []
+        return {}
+    problems = {}
     for name, field in model.model_fields.items():
         if name not in raw:
             continue
         value, key, accepted = raw[name], f"{prefix}{name}", _types_in(field.annotation)
         if (sub := _section_model(field.annotation)) is not None:
-            problems += _number_problems(sub, value, f"{key}.")
+            problems.update(_number_problems(sub, value, f"{key}."))
         elif isinstance(value, bool) and bool not in accepted and accepted & {int, float}:
-            problems.append(f"{key}: a number goes here, not {str(value).lower()}")
+            problems[key] = f"{key}: a number goes here, not {str(value).lower()}"
         elif type(value) is int and int in accepted and not -(2**63) <= value < 2**63:
-            problems.append(f"{key}: too large (at most {2**63 - 1:,})")
+            problems[key] = f"{key}: too large (at most {2**63 - 1:,})"
     return problems
 
 
@@ -444,7 +445,7 @@ def _head_errors(head: Any, model: Any) -> list[str]:
         return [f"head.type: unknown head {_shown(name)}; " + (f"did you mean {hint[0]!r}?" if hint else f"choose one of {', '.join(HEADS)}")]
     numbers = _number_problems(head_class(name).Options, {k: v for k, v in spec.items() if k != "type"}, "head.")
     if numbers:
-        return numbers
+        return list(numbers.values())
     try:
         cls, _ = parse_head_options(spec)
     except ValidationError as e:
