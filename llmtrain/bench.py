@@ -408,7 +408,7 @@ def heads_command(
     if REFERENCE in peer_names:  # the reference first: every ratio divides by it
         peer_names.insert(0, peer_names.pop(peer_names.index(REFERENCE)))
     to_stdout = json_path == Path("-")
-    console = Console(stderr=to_stdout, markup=False, highlight=False)  # plain text: failure notes hold anything
+    console = Console(stderr=to_stdout, markup=False, emoji=False, highlight=False, soft_wrap=True)  # plain text: failure notes hold anything
     base = {"tokens": tokens, "vocab": vocab, "hidden": hidden, "dtype": dtype, "device": device,
             "repeats": repeats, "warmup": warmup}
 

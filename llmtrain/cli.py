@@ -32,7 +32,7 @@ app = typer.Typer(
     "  llmtrain run my-tiny.yaml train.steps=20 --out runs/tiny\n"
     "  llmtrain run my-tiny.yaml train.steps=30 --out runs/tiny --resume auto\n"
     "  llmtrain export runs/tiny --out exported/tiny\n"
-    "  llmtrain generate runs/tiny --prompt 'def main(' --max-new-tokens 20 --top-p 0.9\n"
+    "  llmtrain generate runs/tiny --prompt 'def main(' --max-new-tokens 8 --top-p 0.9\n"
     "  llmtrain launch slurm my-tiny.yaml --nodes 4 --gpus-per-node 8 --time 4:00:00 --account myproject --dry-run\n\n"
     "Every command has its own --help with more examples. Exit codes: 0 done, 1 training failed, "
     "2 a mistake in the command line, recipe or files (nothing started).",
@@ -47,7 +47,7 @@ app.add_typer(checkpoint_app, name="checkpoint")
 launch_app = typer.Typer(help="Cluster launch material (see launch/README.md).", no_args_is_help=True, **PLAIN)
 app.add_typer(launch_app, name="launch")
 # Plain text: messages carry paths and values, which rich would read as markup ("[/]" crashes it).
-err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 OVERRIDES = typer.Argument(None, help="dotted key=value overrides, e.g. train.steps=200 head.type=cce "
                            "(`llmtrain recipe keys` lists every key)", show_default=False, metavar="[KEY=VALUE]...")

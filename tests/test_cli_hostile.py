@@ -33,7 +33,7 @@ HOSTILE = [
     (["recipe", "check", TINY, "train.steps=1\n2: 3"], ["train.steps"]),
     (["recipe", "check", TINY, "head=[vocab, d_model]"], ["head", "a section of keys"]),
     (["recipe", "check", TINY, f"data.source={BAD_BYTES}"], ["data.source", "\\udcff"]),
-    (["recipe", "check", "weird[/]dir/[bold]x.yaml"], ["weird[/]dir/[bold]x.yaml"]),
+    (["recipe", "check", "weird[/]dir/[bold]x:smile:.yaml"], ["weird[/]dir/[bold]x:smile:.yaml"]),
     (["recipe", "check", BAD_BYTES + ".yaml"], ["bad\\udcff\\udcfename.yaml"]),
     (["recipe", "check", "x" * 5000 + ".yaml"], ["recipe file not found"]),
     (["recipe", "keys", "trian"], ["'trian'", "did you mean 'train'"]),

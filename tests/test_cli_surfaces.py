@@ -4,6 +4,7 @@ budgets with units, choices shown and checked, SLURM extras, top-p, paths checke
 import json
 import re
 import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -12,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 import llmtrain
-from conftest import ROOT
+from conftest import ROOT, checkout_env
 from llmtrain.cli import MULTINODE_LAUNCHERS, app
 from llmtrain.launch.local import MULTINODE_LAUNCHERS as LAUNCHERS_OF_THE_LAUNCHER
 from llmtrain.profile.estimate import estimate_head
@@ -26,6 +27,12 @@ def invoke(*args, code=0):
     return result
 
 
+def test_the_command_line_imports_no_torch():
+    probe = "import sys, llmtrain.cli; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=checkout_env(), check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
 def test_version():
     assert invoke("--version").stdout == f"llmtrain {llmtrain.__version__}\n"
     assert 'version = {attr = "llmtrain.__version__"}' in (ROOT / "pyproject.toml").read_text()
@@ -34,7 +41,7 @@ def test_version():
 def test_recipe_list_and_copy(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     listed = invoke("recipe", "list").stdout
-    assert [line.split()[0] for line in listed.splitlines()] == sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+    assert sorted(line.split()[0] for line in listed.splitlines()) == sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
     invoke("recipe", "copy", "tiny", "mine/t.yaml")
     assert (tmp_path / "mine" / "t.yaml").read_text() == (ROOT / "recipes" / "tiny.yaml").read_text()
     before = (tmp_path / "mine" / "t.yaml").stat().st_mtime_ns
@@ -49,7 +56,7 @@ def test_recipe_list_and_copy(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_wheel_ships_the_recipes(tmp_path):
-    subprocess.run([__import__("sys").executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path), str(ROOT)], check=True, timeout=300, capture_output=True)
     names = zipfile.ZipFile(next(tmp_path.glob("llmtrain-*.whl"))).namelist()
     for path in (ROOT / "recipes").glob("*.yaml"):
@@ -58,10 +65,11 @@ def test_the_wheel_ships_the_recipes(tmp_path):
 
 
 def test_choices_are_shown_and_checked():
-    assert "[gemma2-2b|llama3-8b|qwen2.5-7b]" in invoke("profile", "--help").stdout
-    assert "[fp32|bf16]" in invoke("bench", "heads", "--help").stdout
-    assert "[auto|cpu|cuda]" in invoke("bench", "heads", "--help").stdout
-    assert "[" + "|".join(MULTINODE_LAUNCHERS) + "]" in invoke("run", "--help").stdout
+    assert "--preset <gemma2-2b|llama3-8b|qwen2.5-7b>" in invoke("profile", "--help").stdout
+    assert "--dtype <fp32|bf16>" in invoke("profile", "--help").stdout
+    assert "--dtype <fp32|bf16>" in invoke("bench", "heads", "--help").stdout
+    assert "--device <auto|cpu|cuda>" in invoke("bench", "heads", "--help").stdout
+    assert "--launcher <" + "|".join(MULTINODE_LAUNCHERS) + ">" in invoke("run", "--help").stdout
     assert MULTINODE_LAUNCHERS == LAUNCHERS_OF_THE_LAUNCHER
     assert "'mpi' is not one of" in invoke("run", TINY, "--launcher", "mpi", code=2).stderr
 
@@ -78,7 +86,7 @@ def test_one_head_spec_syntax_and_json_to_stdout():
     result = invoke("profile", "--tokens", 64, "--vocab", 4096, "--hidden", 16, "--heads", "softmax,cce:chunk_size=16",
                     "--budget", "1GiB", "--no-measure", "--json", "-")
     report = json.loads(result.stdout)  # stdout holds the JSON alone; the table went to stderr
-    assert "Memory per rank" in result.stderr and "≤ 1GiB (1.00 GiB)" in result.stderr
+    assert "Memory per rank" in result.stderr and "≤ 1GiB (1.0 GiB)" in result.stderr
     spec = report["heads"]["cce:chunk_size=16"]["spec"]
     assert spec["chunk_size"] == 16
     reference = estimate_head({"type": "cce", "chunk_size": 16}, 64, 16, 4096, "fp32")
@@ -163,3 +171,9 @@ def test_top_p_samples_the_nucleus_by_its_renormalized_probabilities(vocab, scal
     assert (counts - expected).abs().sum() / 2 < 0.15  # total variation over 8,000 draws (flat case: ≈ 0.07)
     if scale == 1.0:
         assert len(nucleus) > 64 and len(set(draws.tolist())) > 64  # the candidates grew past the first 64
+
+
+def test_a_preset_takes_overrides():
+    report = json.loads(invoke("profile", "--preset", "llama3-8b", "train.micro_batch=2", "model.seq_len=4096",
+                               "--heads", "cce", "--no-measure", "--json", "-").stdout)
+    assert report["target"]["tokens"] == 2 * 4096

@@ -88,7 +88,7 @@ def profile(
     from llmtrain.recipe import parse_head_specs
 
     to_stdout = json_path == Path("-")
-    console = Console(stderr=to_stdout, markup=False, highlight=False)  # plain text: labels hold paths
+    console = Console(stderr=to_stdout, markup=False, emoji=False, highlight=False, soft_wrap=True)  # plain text: labels hold paths
     try:
         budget_bytes = parse_budget(budget) if budget is not None else None
     except ValueError as e:
