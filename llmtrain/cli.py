@@ -29,8 +29,8 @@ app = typer.Typer(
     "  llmtrain recipe keys head\n"
     "  llmtrain recipe check my-tiny.yaml head.type=cce\n"
     "  llmtrain profile my-tiny.yaml --budget 8GB --no-measure\n"
-    "  llmtrain run my-tiny.yaml train.steps=20 --out runs/tiny\n"
-    "  llmtrain run my-tiny.yaml train.steps=30 --out runs/tiny --resume auto\n"
+    "  llmtrain run my-tiny.yaml train.steps=12 --out runs/tiny\n"
+    "  llmtrain run my-tiny.yaml train.steps=14 --out runs/tiny --resume auto\n"
     "  llmtrain export runs/tiny --out exported/tiny\n"
     "  llmtrain generate runs/tiny --prompt 'def main(' --max-new-tokens 8 --top-p 0.9\n"
     "  llmtrain launch slurm my-tiny.yaml --nodes 4 --gpus-per-node 8 --time 4:00:00 --account myproject --dry-run\n\n"
@@ -94,9 +94,9 @@ def run(
     Examples (after `llmtrain recipe copy tiny my-tiny.yaml`):
 
     \b
-      llmtrain run my-tiny.yaml train.steps=20 --out runs/tiny
-      llmtrain run my-tiny.yaml train.steps=30 --out runs/tiny --resume auto
-      llmtrain run my-tiny.yaml train.steps=12 head.type=cce deepspeed.zero_stage=3 --out runs/tiny-z3
+      llmtrain run my-tiny.yaml train.steps=12 --out runs/tiny
+      llmtrain run my-tiny.yaml train.steps=14 --out runs/tiny --resume auto
+      llmtrain run my-tiny.yaml head.type=cce deepspeed.zero_stage=3 --out runs/tiny-z3 --stop-after 2
     """
     from llmtrain.train.checkpoint import check_compatible, read_meta, resolve_resume
     from llmtrain.data.prepare import prepare_data
@@ -194,7 +194,7 @@ def checkpoint_universal(
     it sees another world size) and writes checkpoints/universal/stepNNNNNNNN/ beside it; the
     original is kept.
 
-    Example (after `llmtrain run my-tiny.yaml train.steps=20 --out runs/tiny`):
+    Example (after `llmtrain run my-tiny.yaml train.steps=12 --out runs/tiny`):
 
     \b
       llmtrain checkpoint universal runs/tiny
@@ -299,7 +299,7 @@ def export(
     also hf/, which transformers' AutoModelForCausalLM loads with the same logits: Llama for our
     own body, the original architecture (config, weights, tokenizer files) for a model.hf run.
 
-    Example (after `llmtrain run my-tiny.yaml train.steps=20 --out runs/tiny`):
+    Example (after `llmtrain run my-tiny.yaml train.steps=12 --out runs/tiny`):
 
     \b
       llmtrain export runs/tiny --out exported/tiny
@@ -330,7 +330,7 @@ def generate(
     --top-k and --top-p pick the candidates by the head's probabilities; --temperature then
     re-weights the candidates among themselves.
 
-    Examples (after `llmtrain run my-tiny.yaml train.steps=20 --out runs/tiny`):
+    Examples (after `llmtrain run my-tiny.yaml train.steps=12 --out runs/tiny`):
 
     \b
       llmtrain generate runs/tiny --prompt 'def main(' --max-new-tokens 20

@@ -63,6 +63,7 @@ def test_examples_that_start_no_training_work_in_order(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # three short trainings, an export, generation and benchmarks on 2 cores
 def test_every_example_works_pasted_in_order(tmp_path):
     cwd = _workspace(tmp_path)
     env = {**checkout_env(), "LLMTRAIN_CACHE": str(ROOT / ".cache" / "llmtrain")}  # the checkout's data cache
