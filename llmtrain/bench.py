@@ -16,6 +16,7 @@ floor: 6·N·V·D flops, the three N×V×D products of a full linear + cross-ent
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -26,11 +27,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, Optional
 
 import typer
 
-app = typer.Typer(help="Micro-benchmarks of the output heads against peer implementations.", no_args_is_help=True)
+from llmtrain.errors import UserError, user_errors
+
+app = typer.Typer(help="Micro-benchmarks of the output heads against peer implementations.", no_args_is_help=True,
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 
 PEERS = {
     "torch-eager": "F.cross_entropy on materialized fp32 logits (the reference of every ratio)",
@@ -213,11 +217,8 @@ def contender_command(spec: str = typer.Argument(..., help="JSON spec from `benc
     def say(obj):
         print(RESULT_PREFIX + json.dumps(obj), flush=True)
 
-    if spec_["name"] == "apple-cce":
-        try:
-            import cut_cross_entropy  # noqa: F401
-        except ImportError:
-            return say({"status": "skipped", "note": "cut-cross-entropy is not installed"})
+    if spec_["name"] == "apple-cce" and importlib.util.find_spec("cut_cross_entropy") is None:
+        return say({"status": "skipped", "note": "cut-cross-entropy is not installed"})
     try:
         contender = _Contender(spec_)
     except Exception as e:
@@ -333,39 +334,27 @@ def measure(specs: list[dict], warmup: int, repeats: int, timeout: float, log=la
     return results
 
 
-def _names(value: str | None, allowed: list[str], option: str, key=lambda name: name) -> list[str]:
+def _names(value: str | None, allowed: list[str], option: str) -> list[str]:
     if value is None:
         return list(allowed)
     names = [n.strip() for n in value.split(",") if n.strip()]
-    unknown = [n for n in names if key(n) not in allowed]
+    unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise typer.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(allowed)}", param_hint=option)
+        raise UserError(f"{option}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
     return names
 
 
 def _head_variants(value: str | None) -> list[tuple[str, str, dict]]:
     """(label, head type, options) for each entry of --heads: a registered head, optionally
-    followed by options as in a recipe's head section, e.g. ``cce:chunk_size=256:filter_eps=1e-4``."""
-    import yaml
+    followed by options as in a recipe's head section, e.g. ``cce:chunk_size=256:filter_eps=1e-4``
+    (the syntax of `llmtrain profile --heads`; '' for none)."""
+    from llmtrain.heads import HEADS
+    from llmtrain.recipe import parse_head_specs
 
-    from llmtrain.heads import HEADS, parse_head_options
-
-    variants = []
-    for entry in _names(value, list(HEADS), "--heads", lambda n: n.split(":")[0]):
-        head_type, *pairs = entry.split(":")
-        options = {}
-        for pair in pairs:
-            key, sep, text = pair.partition("=")
-            if not (sep and key):
-                raise typer.BadParameter(f"{entry!r}: options go as key=value, e.g. cce:chunk_size=256",
-                                         param_hint="--heads")
-            options[key] = yaml.safe_load(text)
-        try:
-            parse_head_options({"type": head_type, **options})
-        except ValueError as e:  # pydantic's ValidationError included
-            raise typer.BadParameter(f"{entry!r}: {e}", param_hint="--heads") from None
-        variants.append((entry, head_type, options))
-    return variants
+    if value is not None and not value.strip():
+        return []
+    specs = parse_head_specs(value) if value is not None else [(n, {"type": n}) for n in HEADS]
+    return [(label, spec["type"], {k: v for k, v in spec.items() if k != "type"}) for label, spec in specs]
 
 
 def _device_name(device: str) -> str:
@@ -377,45 +366,54 @@ def _device_name(device: str) -> str:
 
 
 @app.command("heads")
+@user_errors
 def heads_command(
     tokens: int = typer.Option(4096, min=1, help="N: tokens per step"),
     vocab: int = typer.Option(65536, min=2, help="V: vocabulary size"),
     hidden: int = typer.Option(512, min=1, help="D: hidden size"),
-    dtype: str = typer.Option("fp32", help="fp32 or bf16: hidden states and weights"),
+    dtype: Literal[DTYPES] = typer.Option("fp32", help="hidden states and weights"),
     heads: str = typer.Option(None, help="comma-separated heads (default: every registered head; '' for none); "
                                          "options after the name, e.g. cce:chunk_size=256:filter_eps=1e-4"),
     peers: str = typer.Option(None, help=f"comma-separated peers (default: all of {', '.join(PEERS)}; '' for none)"),
     repeats: int = typer.Option(5, min=1, help="timed runs per contender (the median is reported)"),
     warmup: int = typer.Option(1, min=0, help="untimed runs first (compilation, allocator warm-up)"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    device: Literal["auto", "cpu", "cuda"] = typer.Option("auto", help="where to run (auto: cuda when there is a GPU)"),
     timeout: float = typer.Option(1800, min=1, help="seconds a contender may take to set up or to do one run"),
-    json_path: Path = typer.Option(None, "--json", help="write the figures to this JSON file"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the figures to this JSON file ('-': to "
+                                             "stdout, the table then goes to stderr)"),
 ):
-    """Forward + backward time and peak extra memory of each head and peer, one fresh process each."""
+    """Forward + backward time and peak extra memory of each head and peer, one fresh process each.
+
+    Examples:
+
+    \b
+      llmtrain bench heads --tokens 256 --vocab 4096 --hidden 64 --repeats 2 --heads softmax,cce --peers torch-eager
+      llmtrain bench heads --tokens 256 --vocab 4096 --hidden 64 --repeats 2 --heads cce,cce:chunk_size=64 --peers '' --json -
+    """
     import torch
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from llmtrain.heads import HEADS
 
-    if dtype not in DTYPES:
-        raise typer.BadParameter(f"{dtype!r}; choose fp32 or bf16", param_hint="--dtype")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise typer.BadParameter(f"{device!r}; choose auto, cpu or cuda (cuda needs a GPU)", param_hint="--device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine has no CUDA device; pass --device cpu or auto")
     head_variants = _head_variants(heads)
     peer_names = _names(peers, list(PEERS), "--peers")
     if REFERENCE in peer_names:  # the reference first: every ratio divides by it
         peer_names.insert(0, peer_names.pop(peer_names.index(REFERENCE)))
-    console = Console()
+    to_stdout = json_path == Path("-")
+    console = Console(stderr=to_stdout, markup=False, emoji=False, highlight=False, soft_wrap=True)  # plain text: failure notes hold anything
     base = {"tokens": tokens, "vocab": vocab, "hidden": hidden, "dtype": dtype, "device": device,
             "repeats": repeats, "warmup": warmup}
 
     specs = [{**base, "name": "matmul", "kind": "matmul"}] + [{**base, "name": n, "kind": "peer"} for n in peer_names]
     specs += [{**base, "name": label, "kind": "head", "head_type": head_type, "options": options,
                "entry": HEADS[head_type]} for label, head_type, options in head_variants]
-    measured = measure(specs, warmup, repeats, timeout, log=lambda msg: console.print(f"[dim]{msg} …[/dim]"))
+    measured = measure(specs, warmup, repeats, timeout, log=lambda msg: console.print(Text(f"{msg} …", "dim")))
     results = [{"name": spec["name"], "kind": spec["kind"], **r} for spec, r in zip(specs, measured)]
     matmul, results = results[0], results[1:]
 
@@ -438,28 +436,31 @@ def heads_command(
     for col in ("contender", "time ms", "× eager time", "peak extra MiB", "× eager memory", "× floor"):
         table.add_column(col, justify="left" if col == "contender" else "right", no_wrap=col == "contender")
     for r in results:
-        label = r["name"] if r["kind"] == "head" else f"[cyan]{r['name']}[/cyan]"
+        label = Text(r["name"], "" if r["kind"] == "head" else "cyan")
         if r["status"] == "ok":
             table.add_row(label, fmt(r["time_ms"], ".1f"), fmt(r["time_vs_eager"], ".2f"), fmt(r["peak_extra_mib"], ".1f"),
                           fmt(r["memory_vs_eager"], ".3f"), fmt(r["time_vs_floor"], ".2f"))
         else:
             colour = "red" if r["status"] == "failed" else "yellow"
-            table.add_row(label, f"[{colour}]{r['status']}[/{colour}]", "", "", "", f"[{colour}]{r['note']}[/{colour}]")
+            table.add_row(label, Text(r["status"], colour), "", "", "", Text(r["note"], colour))
     console.print(table)
     if floor_ms:
         console.print(f"floor: 6·N·V·D = {6 * tokens * vocab * hidden / 1e9:.1f} GFLOP (logits, ∂h, ∂W) at the measured "
                       f"matmul rate {matmul['gflops']:.0f} GFLOP/s = {floor_ms:.0f} ms; heads that do less work "
                       "than N·V·D (hsm, zloss) can go below 1.")
     else:
-        console.print(f"[red]matmul rate not measured: {matmul.get('note')}[/red]")
+        console.print(Text(f"matmul rate not measured: {matmul.get('note')}", "red"))
 
     if json_path is not None:
         doc = {"shape": {"tokens": tokens, "vocab": vocab, "hidden": hidden}, "dtype": dtype,
                "torch": torch.__version__, "device": _device_name(device), "repeats": repeats, "warmup": warmup,
                "matmul": {k: matmul.get(k) for k in ("status", "gflops", "note")} | {"floor_ms": floor_ms},
                "adaptive_cutoffs": adaptive_cutoffs(vocab), "results": results}
-        json_path.write_text(json.dumps(doc, indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        if to_stdout:
+            sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        else:
+            json_path.write_text(json.dumps(doc, indent=2) + "\n")
+            console.print(f"wrote {json_path}")
 
 
 if __name__ == "__main__":

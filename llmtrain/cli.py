@@ -1,58 +1,70 @@
-"""The `llmtrain` command: thin; it parses, validates and calls into the modules."""
+"""The `llmtrain` command: thin; it parses, validates and calls into the modules.
+
+Help and messages are plain text (Typer's rich markup is off): a path or value holding brackets is
+printed as it is, and hand-written `[default: ...]` notes stay in the help.
+"""
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 from rich.console import Console
 
-from llmtrain.errors import UserError
+from llmtrain import __version__
+from llmtrain.errors import UserError, problems_error, user_errors
 
+# launch.local.MULTINODE_LAUNCHERS (a test keeps them equal): importing it would import torch for --help
+MULTINODE_LAUNCHERS = ("pdsh", "openmpi", "mpich", "impi", "mvapich", "slurm")
+PLAIN = {"rich_markup_mode": None, "context_settings": {"help_option_names": ["-h", "--help"]}}
 app = typer.Typer(
     help="Train large-vocabulary decoder-only LMs under DeepSpeed ZeRO with a swappable output head.\n\n"
-    "Examples:\n\n"
-    "  llmtrain run recipes/tiny.yaml\n\n"
-    "  llmtrain run recipes/hf-tiny-qwen2.yaml\n\n"
-    "  llmtrain run recipes/continue-pretraining.yaml model.hf=/models/Qwen2.5-0.5B head.type=cce\n\n"
-    "  llmtrain run recipes/tiny.yaml train.steps=200 deepspeed.zero_stage=3 --out runs/z3\n\n"
-    "  llmtrain run recipes/tiny.yaml --out runs/z3 --resume auto\n\n"
-    "  llmtrain recipe check recipes/tiny.yaml head.type=cce\n\n"
-    "  llmtrain run recipes/tiny.yaml --hostfile hosts --launcher pdsh\n\n"
-    "  llmtrain launch slurm recipes/tiny.yaml --nodes 4 --gpus-per-node 8 --time 4:00:00 --dry-run\n\n"
-    "  llmtrain export runs/tiny --out exported/tiny\n\n"
-    "  llmtrain generate runs/tiny --prompt 'def main(' --max-new-tokens 40",
+    "Examples (they work pasted in this order, from the repository or any folder):\n\n"
+    "\b\n"
+    "  llmtrain recipe list\n"
+    "  llmtrain recipe copy tiny my-tiny.yaml\n"
+    "  llmtrain recipe keys head\n"
+    "  llmtrain recipe check my-tiny.yaml head.type=cce\n"
+    "  llmtrain profile my-tiny.yaml --budget 8GB --no-measure\n"
+    "  llmtrain run my-tiny.yaml train.steps=12 --out runs/tiny\n"
+    "  llmtrain run my-tiny.yaml train.steps=14 --out runs/tiny --resume auto\n"
+    "  llmtrain export runs/tiny --out exported/tiny\n"
+    "  llmtrain generate runs/tiny --prompt 'def main(' --max-new-tokens 8 --top-p 0.9\n"
+    "  llmtrain launch slurm my-tiny.yaml --nodes 4 --gpus-per-node 8 --time 4:00:00 --account myproject --dry-run\n\n"
+    "Every command has its own --help with more examples. Exit codes: 0 done, 1 training failed, "
+    "2 a mistake in the command line, recipe or files (nothing started).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    **PLAIN,
 )
-recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+recipe_app = typer.Typer(help="List, copy, document and check recipes.", no_args_is_help=True, **PLAIN)
 app.add_typer(recipe_app, name="recipe")
-checkpoint_app = typer.Typer(help="Work with checkpoints.", no_args_is_help=True)
+checkpoint_app = typer.Typer(help="Work with checkpoints.", no_args_is_help=True, **PLAIN)
 app.add_typer(checkpoint_app, name="checkpoint")
-launch_app = typer.Typer(help="Cluster launch material (see launch/README.md).", no_args_is_help=True)
+launch_app = typer.Typer(help="Cluster launch material (see launch/README.md).", no_args_is_help=True, **PLAIN)
 app.add_typer(launch_app, name="launch")
-err = Console(stderr=True)
+# Plain text: messages carry paths and values, which rich would read as markup ("[/]" crashes it).
+err = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
-OVERRIDES = typer.Argument(None, help="dotted key=value overrides, e.g. train.steps=200 head.type=cce", show_default=False)
+OVERRIDES = typer.Argument(None, help="dotted key=value overrides, e.g. train.steps=200 head.type=cce "
+                           "(`llmtrain recipe keys` lists every key)", show_default=False, metavar="[KEY=VALUE]...")
 
 
-def user_errors(fn):
-    """Errors a user can cause: one short message, no traceback, exit code 2."""
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"llmtrain {__version__}")
+        raise typer.Exit()
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # paths stay whole
-            raise typer.Exit(UserError.exit_code) from None
 
-    return wrapper
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the version and exit"),
+):
+    pass
 
 
 @app.command()
@@ -65,8 +77,8 @@ def run(
     stop_after: Optional[int] = typer.Option(None, min=1, help="run this many steps of the schedule, save and exit"),
     hostfile: Optional[Path] = typer.Option(None, help="multi-node: DeepSpeed hostfile ('HOST slots=N' per line); "
                                             "sets launch.nodes and launch.ranks_per_node"),
-    launcher: Optional[str] = typer.Option(None, help="with --hostfile: DeepSpeed's multi-node launcher, one of "
-                                           "pdsh (default), openmpi, mpich, impi, mvapich, slurm"),
+    launcher: Optional[Literal[MULTINODE_LAUNCHERS]] = typer.Option(
+        None, help="with --hostfile: DeepSpeed's multi-node launcher [default: pdsh]", show_default=False),
     deepspeed_args: str = typer.Option("", help="with --hostfile: more options for DeepSpeed's launcher, quoted, "
                                        "e.g. '--include node1 --ssh_port 2222'"),
     prepare_only: bool = typer.Option(False, help="prepare data, the run folder and (on a new world size) the universal "
@@ -76,7 +88,15 @@ def run(
 
     Stop any time with Ctrl-C, SIGTERM or SIGUSR1: the step finishes, a checkpoint is saved, and
     the run continues with --resume auto, on the same or another number of ranks (another world
-    size goes through a DeepSpeed universal checkpoint, converted automatically).
+    size goes through a DeepSpeed universal checkpoint, converted automatically). Multi-node:
+    --hostfile hosts --launcher pdsh (see launch/README.md).
+
+    Examples (after `llmtrain recipe copy tiny my-tiny.yaml`):
+
+    \b
+      llmtrain run my-tiny.yaml train.steps=12 --out runs/tiny
+      llmtrain run my-tiny.yaml train.steps=14 --out runs/tiny --resume auto
+      llmtrain run my-tiny.yaml head.type=cce deepspeed.zero_stage=3 --out runs/tiny-z3 --stop-after 2
     """
     from llmtrain.train.checkpoint import check_compatible, read_meta, resolve_resume
     from llmtrain.data.prepare import prepare_data
@@ -118,7 +138,7 @@ def run(
     code = run_launcher(cmd, recipe.launch.ranks_per_node)
     status_file = out / "status.yaml"
     if code != 0 and not status_file.exists():
-        err.print(f"[bold red]training failed[/] (launcher exit code {code}); see the output above. Run folder: {out}")
+        err.print(f"training failed (launcher exit code {code}); see the output above. Run folder: {out}")
         raise typer.Exit(1)
     raise typer.Exit(0)
 
@@ -128,7 +148,6 @@ def _multinode_options(recipe, hostfile: Path | None, launcher: str | None, deep
     import shlex
 
     from llmtrain.launch.hostfile import read_hostfile
-    from llmtrain.launch.local import MULTINODE_LAUNCHERS
 
     if hostfile is None:
         if launcher or deepspeed_args:
@@ -159,7 +178,7 @@ def _note_batch_change(meta: dict, recipe) -> None:
     before = saved["micro_batch"] * saved["grad_accum"] * meta["world_size"]
     now = recipe.train.micro_batch * recipe.train.grad_accum * recipe.world_size
     if before != now:
-        err.print(f"[yellow]note[/]: the global batch changes from {before} to {now} sequences per step "
+        err.print(f"note: the global batch changes from {before} to {now} sequences per step "
                   "(train.micro_batch × train.grad_accum × ranks); training continues at the same data "
                   "position, but not on the same trajectory")
 
@@ -173,7 +192,13 @@ def checkpoint_universal(
 
     Takes the newest complete checkpoint of RUN_DIR (`llmtrain run --resume` does this itself when
     it sees another world size) and writes checkpoints/universal/stepNNNNNNNN/ beside it; the
-    original is kept."""
+    original is kept.
+
+    Example (after `llmtrain run my-tiny.yaml train.steps=12 --out runs/tiny`):
+
+    \b
+      llmtrain checkpoint universal runs/tiny
+    """
     from llmtrain.export import find_checkpoint
     from llmtrain.train.universal import convert
 
@@ -187,12 +212,21 @@ def checkpoint_universal(
 def launch_slurm(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="recipe YAML file"),
     overrides: Optional[List[str]] = OVERRIDES,
-    nodes: int = typer.Option(..., min=1, help="nodes to allocate"),
-    gpus_per_node: int = typer.Option(..., min=1, help="GPUs per node: one srun task (rank) each"),
+    nodes: Optional[int] = typer.Option(None, min=1, help="nodes to allocate [default: the recipe's launch.nodes]",
+                                        show_default=False),
+    gpus_per_node: Optional[int] = typer.Option(None, min=1, help="GPUs per node, one srun task (rank) each "
+                                                "[default: the recipe's launch.ranks_per_node]", show_default=False),
     partition: Optional[str] = typer.Option(None, help="SLURM partition"),
+    account: Optional[str] = typer.Option(None, help="SLURM account to charge (sbatch --account)"),
+    qos: Optional[str] = typer.Option(None, help="SLURM quality of service (sbatch --qos)"),
+    constraint: Optional[str] = typer.Option(None, help="node features, e.g. 'a100&ib' (sbatch --constraint)"),
+    sbatch_line: Optional[List[str]] = typer.Option(None, "--sbatch-line", help="one more #SBATCH option, e.g. "
+                                                    "--sbatch-line=--mail-type=END (repeatable)", show_default=False),
     time_limit: Optional[str] = typer.Option(None, "--time", help="SLURM time limit, e.g. 4:00:00"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder the job trains into [default: runs/<name>]"),
-    script: Optional[Path] = typer.Option(None, help="where to write the script [default: <run folder>.sbatch]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder the job trains into [default: runs/<name>]",
+                                       show_default=False),
+    script: Optional[Path] = typer.Option(None, help="where to write the script [default: <run folder>.sbatch]",
+                                          show_default=False),
     cpus_per_task: Optional[int] = typer.Option(None, min=1, help="CPU cores per rank (also OMP_NUM_THREADS)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the script; write and submit nothing"),
     submit: bool = typer.Option(False, "--submit", help="write the script and submit it with sbatch"),
@@ -200,7 +234,16 @@ def launch_slurm(
     """Write the sbatch script for a recipe: one srun task per GPU, preemption-safe.
 
     The job trains RECIPE on NODES × GPUS-PER-NODE ranks, saves on USR1 (before the time limit) or
-    TERM (preemption, scancel), requeues itself and resumes. See launch/README.md."""
+    TERM (preemption, scancel), requeues itself and resumes. See launch/README.md. --nodes and
+    --gpus-per-node default to the recipe's launch.nodes and launch.ranks_per_node; a flag that
+    contradicts a value the recipe sets is refused.
+
+    Examples:
+
+    \b
+      llmtrain launch slurm my-tiny.yaml --nodes 4 --gpus-per-node 8 --time 4:00:00 --dry-run
+      llmtrain launch slurm my-tiny.yaml --nodes 2 --gpus-per-node 8 --qos high --constraint a100 --sbatch-line=--mail-type=END --dry-run
+    """
     import shutil
     import subprocess
 
@@ -209,12 +252,20 @@ def launch_slurm(
 
     if dry_run and submit:
         raise UserError("--dry-run and --submit: choose one")
+    recipe = load_recipe(recipe_path, overrides or [])
+    for flag, value, key in (("--nodes", nodes, "nodes"), ("--gpus-per-node", gpus_per_node, "ranks_per_node")):
+        set_to = getattr(recipe.launch, key)
+        if value is not None and key in recipe.launch.model_fields_set and value != set_to:
+            raise UserError(f"{flag} {value} contradicts launch.{key}: {set_to} in {recipe_path} or its overrides; "
+                            f"drop {flag}, or pass launch.{key}={value} instead (nothing was written)")
+    nodes, gpus_per_node = nodes or recipe.launch.nodes, gpus_per_node or recipe.launch.ranks_per_node
     layout = [f"launch.nodes={nodes}", f"launch.ranks_per_node={gpus_per_node}"]
     recipe = load_recipe(recipe_path, [*(overrides or []), *layout])  # every recipe problem now, not in the queue
     out = out or Path("runs") / recipe.name
     text = render(recipe=recipe_path, overrides=list(overrides or []), run_dir=out, nodes=nodes,
                   gpus_per_node=gpus_per_node, job_name=recipe.name, python=sys.executable, partition=partition,
-                  time_limit=time_limit, cpus_per_task=cpus_per_task)
+                  time_limit=time_limit, cpus_per_task=cpus_per_task, account=account, qos=qos,
+                  constraint=constraint, extra_lines=list(sbatch_line or []))
     if dry_run:
         sys.stdout.write(text)
         return
@@ -246,11 +297,17 @@ def export(
     Consolidates the newest complete checkpoint (DeepSpeed's zero_to_fp32, fp32 weights) into
     model.safetensors with tokenizer.json and the resolved recipe; for the softmax and cce heads
     also hf/, which transformers' AutoModelForCausalLM loads with the same logits: Llama for our
-    own body, the original architecture (config, weights, tokenizer files) for a model.hf run."""
+    own body, the original architecture (config, weights, tokenizer files) for a model.hf run.
+
+    Example (after `llmtrain run my-tiny.yaml train.steps=12 --out runs/tiny`):
+
+    \b
+      llmtrain export runs/tiny --out exported/tiny
+    """
     from llmtrain.export import export_run
 
     written = export_run(run_dir, out, log=err.print)
-    err.print(f"[green]exported[/] {', '.join(written)} to {out}")
+    err.print(f"exported {', '.join(written)} to {out}")
 
 
 @app.command()
@@ -258,17 +315,31 @@ def export(
 def generate(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="run folder (or one of its checkpoints)"),
     prompt: str = typer.Option(..., help="text to continue"),
-    checkpoint: Optional[Path] = typer.Option(None, help="a checkpoint folder [default: the newest complete one]"),
-    max_new_tokens: int = typer.Option(64, min=1, help="tokens to generate"),
+    checkpoint: Optional[Path] = typer.Option(None, help="a checkpoint folder [default: the newest complete one]",
+                                              show_default=False),
+    max_new_tokens: int = typer.Option(64, min=1, max=1_000_000, help="tokens to generate"),
     temperature: str = typer.Option("1.0", help="sampling temperature (0 = greedy), or 'auto' for a head with a temperature network"),
     top_k: Optional[int] = typer.Option(None, min=1, help="sample among the k best tokens only"),
+    top_p: Optional[float] = typer.Option(None, min=0.001, max=1.0,
+                                          help="sample among the fewest best tokens whose probability reaches p "
+                                          "(nucleus sampling), e.g. 0.9"),
     seed: int = typer.Option(0, help="seed of the sampler"),
 ):
-    """Continue PROMPT with the run's model, sampling through its head."""
+    """Continue PROMPT with the run's model, sampling through its head.
+
+    --top-k and --top-p pick the candidates by the head's probabilities; --temperature then
+    re-weights the candidates among themselves.
+
+    Examples (after `llmtrain run my-tiny.yaml train.steps=12 --out runs/tiny`):
+
+    \b
+      llmtrain generate runs/tiny --prompt 'def main(' --max-new-tokens 20
+      llmtrain generate runs/tiny --prompt 'import os' --max-new-tokens 8 --top-p 0.9 --temperature 0.8
+    """
     from llmtrain.generate import generate_text, parse_temperature
 
     text = generate_text(checkpoint or run_dir, prompt, max_new_tokens=max_new_tokens,
-                         temperature=parse_temperature(temperature), top_k=top_k, seed=seed)
+                         temperature=parse_temperature(temperature), top_k=top_k, top_p=top_p, seed=seed)
     sys.stdout.write(text + "\n")
 
 
@@ -278,12 +349,109 @@ def recipe_check(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="recipe YAML file"),
     overrides: Optional[List[str]] = OVERRIDES,
 ):
-    """Validate a recipe (all problems at once) and print it resolved, with defaults and overrides."""
+    """Validate a recipe (all problems at once, paths included) and print it resolved: every
+    default written out, the head's options included, overrides applied.
+
+    Examples:
+
+    \b
+      llmtrain recipe check my-tiny.yaml
+      llmtrain recipe check my-tiny.yaml head.type=cce head.filter_eps=1e-4 train.lr=1e-3
+    """
     from llmtrain.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides or [])
+    problems = _missing_paths(recipe)
+    if problems:
+        raise problems_error(str(recipe_path), problems)
     sys.stdout.write(recipe.to_yaml())
-    err.print(f"[green]ok[/]: {recipe_path} is valid ({recipe.world_size} ranks, head {recipe.head.type})")
+    err.print(f"ok: {recipe_path} is valid ({recipe.world_size} ranks, head {recipe.head.type})")
+
+
+def _missing_paths(recipe) -> list[str]:
+    """The recipe's paths that do not lead to anything: data.source as the data reader finds files,
+    tokenizer.path, temperature.init_from (model.hf is checked while the recipe loads)."""
+    from llmtrain.data.sources import _local_files  # the reader's own rules: file, folder or glob
+
+    problems = []
+    source = recipe.data.source
+    if source != "stdlib" and not source.startswith("hf:"):
+        try:
+            _local_files(source)
+        except UserError as e:
+            problems.append(str(e))
+    for key, value in (("tokenizer.path", recipe.tokenizer.path), ("temperature.init_from", recipe.temperature.init_from)):
+        if value and not Path(value).expanduser().exists():
+            problems.append(f"{key}: {value!r} does not exist (relative paths are read from the folder llmtrain "
+                            "runs in)")
+    return problems
+
+
+@recipe_app.command("keys")
+@user_errors
+def recipe_keys(
+    section: Optional[str] = typer.Argument(None, metavar="[SECTION]", help="only this section, e.g. train or head",
+                                            show_default=False),
+):
+    """Every key a recipe can set, with its type, default and meaning, from the one schema (head
+    options included, with the heads that take them).
+
+    Examples:
+
+    \b
+      llmtrain recipe keys
+      llmtrain recipe keys head
+    """
+    import difflib
+
+    from llmtrain.recipe import recipe_keys as keys
+
+    docs = keys()
+    sections = list(dict.fromkeys(d.key.split(".")[0] for d in docs))
+    if section is not None and section not in sections:
+        hint = difflib.get_close_matches(section, sections, n=1)
+        raise UserError(f"recipe keys {section!r}: no such section; " +
+                        (f"did you mean {hint[0]!r}?" if hint else f"choose one of {', '.join(sections)}"))
+    for doc in docs:
+        if section is None or doc.key.split(".")[0] == section:
+            heads = f" (head.type {', '.join(doc.heads)})" if doc.heads else ""
+            print(f"{doc.key}{heads}: {doc.type}, default {doc.default}\n    {doc.description}")
+
+
+@recipe_app.command("list")
+@user_errors
+def recipe_list():
+    """The recipes shipped with llmtrain (`llmtrain recipe copy NAME DEST` copies one).
+
+    Example:
+
+    \b
+      llmtrain recipe list
+    """
+    from llmtrain.recipe import shipped_recipes
+
+    for name, (path, summary) in shipped_recipes().items():
+        print(f"{name:24} {summary}")
+
+
+@recipe_app.command("copy")
+@user_errors
+def recipe_copy(
+    name: str = typer.Argument(..., metavar="NAME", help="a shipped recipe (`llmtrain recipe list`)"),
+    dest: Path = typer.Argument(..., metavar="DEST", help="the new recipe file, or a folder to put it in"),
+):
+    """Copy a shipped recipe to edit it (with the model folder it names, if any). Nothing is
+    overwritten.
+
+    Example:
+
+    \b
+      llmtrain recipe copy tiny my-tiny.yaml
+    """
+    from llmtrain.recipe import copy_recipe
+
+    for path in copy_recipe(name, dest):
+        err.print(f"wrote {path}")
 
 
 from llmtrain.profile.report import profile as profile_command  # noqa: E402  (imports no torch)

@@ -30,15 +30,19 @@ def parse_temperature(text: str) -> Temperature:
     return value
 
 
+# --top-p: candidates first scored, then grown by this factor until they hold p of the probability
+NUCLEUS_START, NUCLEUS_GROWTH = 64, 8
+
+
 @torch.no_grad()
 def next_tokens(model: LanguageModel, ids: torch.Tensor, temperature: Temperature, top_k: int | None,
-                generator: torch.Generator) -> torch.Tensor:
+                generator: torch.Generator, top_p: float | None = None) -> torch.Tensor:
     """[B] next token ids after `ids` [B, T] (the last seq_len tokens are the context)."""
     hidden = model.body(ids[:, -model.seq_len:])[:, -1]
     head = model.head
     if temperature == 0:
         return model.topk(hidden, 1)[:, 0]
-    if top_k is None:
+    if top_k is None and top_p is None:
         try:
             return model.sample(hidden, temperature=temperature, generator=generator)
         except ValueError as e:  # heads refuse "auto" without a temperature network
@@ -46,14 +50,28 @@ def next_tokens(model: LanguageModel, ids: torch.Tensor, temperature: Temperatur
                 raise UserError(f"--temperature auto: the {head.name} head says: {e}; pass a number") from None
             raise
     if temperature == "auto":
-        raise UserError("--top-k with --temperature auto: the head's temperature network samples over the whole "
-                        "vocabulary; drop --top-k or pass a numeric temperature")
-    # Top-k: the head's exact k best tokens, re-drawn by their own (log-)probabilities.
-    k = min(top_k, model.predictable_vocab)
-    candidates = model.topk(hidden, k)  # [B, k]
-    logprobs = _scorer(head)(hidden.repeat_interleave(k, 0), candidates.flatten()).view(-1, k)
+        raise UserError("--top-k/--top-p with --temperature auto: the head's temperature network samples over the "
+                        "whole vocabulary; drop --top-k/--top-p or pass a numeric temperature")
+    # The head's exact best tokens, re-drawn by their own (log-)probabilities.
+    vocab = model.predictable_vocab
+    k = min(top_k or NUCLEUS_START, vocab)
+    candidates, logprobs = _candidates(model, hidden, k)
+    if top_p is not None:
+        while top_k is None and k < vocab and (logprobs.exp().sum(1) < top_p).any():
+            k = min(k * NUCLEUS_GROWTH, vocab)  # the nucleus is not inside the candidates yet
+            candidates, logprobs = _candidates(model, hidden, k)
+        probs = logprobs.exp()
+        # keep the best tokens until they reach p: a token stays if those ranked before it hold less
+        logprobs = logprobs.masked_fill(probs.cumsum(1) - probs >= top_p, float("-inf"))
     pick = torch.multinomial(torch.softmax(logprobs.double() / temperature, 1), 1, generator=generator)
     return candidates.gather(1, pick).squeeze(1)
+
+
+def _candidates(model: LanguageModel, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best tokens [B, k], best first, and their exact log-probabilities."""
+    candidates = model.topk(hidden, k)
+    logprobs = _scorer(model.head)(hidden.repeat_interleave(k, 0), candidates.flatten()).view(-1, k)
+    return candidates, logprobs
 
 
 def _scorer(head):
@@ -66,7 +84,7 @@ def _scorer(head):
 
 
 def generate_text(target: Path, prompt: str, *, max_new_tokens: int, temperature: Temperature = 1.0,
-                  top_k: int | None = None, seed: int = 0) -> str:
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
     from llmtrain.data.tokenizer import load_tokenizer
 
     run = load_run(target)
@@ -77,5 +95,5 @@ def generate_text(target: Path, prompt: str, *, max_new_tokens: int, temperature
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.tensor([ids], dtype=torch.long)
     for _ in range(max_new_tokens):
-        tokens = torch.cat([tokens, next_tokens(run.model, tokens, temperature, top_k, generator)[:, None]], 1)
+        tokens = torch.cat([tokens, next_tokens(run.model, tokens, temperature, top_k, generator, top_p)[:, None]], 1)
     return tok.decode(tokens[0].tolist())

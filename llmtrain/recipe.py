@@ -1,25 +1,36 @@
 """The Recipe schema: one pydantic model drives validation, `recipe check` output and overrides.
 
-Field descriptions double as documentation: `llmtrain recipe check --doc` prints them.
+Field descriptions double as documentation: `llmtrain recipe keys` prints them, head options
+included. Values are normalized by their schema before anything stores or compares them: a head's
+options are typed by the head's own schema with its defaults written out, so `1e-4`, `1.0e-4` and
+`0.0001` are one value, and a default spelled out equals one left out.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import os
+import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llmtrain.errors import UserError
+from llmtrain.errors import UserError, problems_error
 from llmtrain.heads import HEADS, head_class, parse_head_options
 from llmtrain.heads.temperature import temperature_problems
 
 
+CACHE_ENV = "LLMTRAIN_CACHE"  # the default data.cache_dir, e.g. one shared cache for every checkout
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are no setting of any key (`train.lr=1e999` is a typo, not a learning rate)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -34,7 +45,9 @@ class DataConfig(Section):
     hf_split: str = Field("train", description="Hugging Face dataset split")
     max_bytes: int | None = Field(None, gt=0, description="read at most this many bytes of text (documents in sorted order)")
     val_fraction: float = Field(0.02, gt=0, lt=0.5, description="share of documents held out for validation")
-    cache_dir: str = Field(".cache/llmtrain", description="where tokenizers and token shards are cached")
+    cache_dir: str = Field(default_factory=lambda: os.environ.get(CACHE_ENV, ".cache/llmtrain"),
+                           description=f"where tokenizers and token shards are cached (default: ${CACHE_ENV} "
+                           "when set, else .cache/llmtrain)")
     num_proc: int | None = Field(None, ge=1, description="processes tokenizing in parallel (default: the machine's cores)")
     shard_tokens: int = Field(1 << 26, ge=1024, description="tokens per shard file (uint32, so 4 bytes each)")
     document_mask: bool = Field(
@@ -140,6 +153,24 @@ class HeadSection(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str = Field("softmax", description=f"output head: {' | '.join(HEADS)}")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _typed(cls, data: Any) -> Any:
+        return normalize_head_spec(data) if isinstance(data, dict) else data
+
+
+def normalize_head_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A head spec typed by the head's own schema, every default written out: what recipes store
+    and what resume compares. A `temperature` entry (a checkpoint identity's) is kept as it is. A
+    spec the head refuses is returned unchanged; validate_recipe reports its problems."""
+    options = {k: v for k, v in spec.items() if k != "temperature"}
+    try:
+        cls, typed = parse_head_options(options)
+    except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
+        return spec
+    extra = {"temperature": spec["temperature"]} if "temperature" in spec else {}
+    return {"type": cls.name, **typed.model_dump(), **extra}
+
 
 class TemperatureConfig(Section):
     """TempNet (Qiu et al. 2024): per-token temperatures learned by the KL-constrained DRO loss
@@ -222,6 +253,69 @@ class Recipe(Section):
         return self
 
 
+# ---------------------------------------------------------------------------- reading values
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as recipes are written: `1e-4` and `1E5` are numbers too (PyYAML reads YAML 1.1,
+    whose numbers need `1.0e-4`), so a value is the same however it is spelled."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_value(text: str) -> Any:
+    """One value as a recipe reads it (an override's, a --heads option's); ValueError naming what
+    YAML could not read."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ValueError(_yaml_problem(e)) from None  # (an int past Python's digit limit is one already)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """YAML's complaint on one line, with its place (PyYAML's own text spans several lines and
+    names the input "<unicode string>")."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    context = getattr(e, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
+def read_yaml_file(path: Path) -> Any:
+    """A YAML file's content; UserError naming the file (unreadable, not UTF-8, not YAML)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "save it as UTF-8") from None
+    try:
+        return parse_value(text)
+    except ValueError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+
+
+def printable(text: str, limit: int = 80) -> str:
+    """`text` safe for a one-line message: control characters and undecodable bytes escaped,
+    long text cut."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown(value: Any) -> str:
+    try:
+        return printable(repr(value))
+    except ValueError:  # an int past Python's int-string limit
+        return "a number too long to print"
+
+
 # ---------------------------------------------------------------------------- loading and errors
 
 
@@ -229,12 +323,15 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe, apply dotted `key=value` overrides, validate everything, and raise one
     UserError that lists every problem (key, bad value, what is allowed)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        found = path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        found = False
+    if not found:
+        raise UserError(f"recipe file not found: {printable(str(path), 200)}")
+    raw = read_yaml_file(path)
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (model, head, data, train, ...)")
     raw.setdefault("name", path.stem)
@@ -250,6 +347,11 @@ def validate_recipe(raw: dict[str, Any], overrides: Sequence[str] = (), source: 
         from llmtrain.model.hf import resolve_recipe_fields
 
         errors += resolve_recipe_fields(raw)
+    numbers = _number_problems(Recipe, raw)
+    for key in numbers:  # reported once, not again by rules that read the coerced value
+        section, _, name = key.rpartition(".")
+        (raw.get(section) if section else raw).pop(name)
+    errors += numbers.values()
     recipe = None
     try:
         recipe = Recipe.model_validate(raw)
@@ -261,46 +363,87 @@ def validate_recipe(raw: dict[str, Any], overrides: Sequence[str] = (), source: 
     if isinstance(head, dict) and isinstance(temperature, dict) and temperature.get("enabled") is True and not head_errors:
         errors += temperature_problems(head_class(head.get("type", "softmax")), head)
     if errors:
-        lines = "\n".join(f"  - {e}" for e in errors)
-        raise UserError(f"{source}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n{lines}")
+        raise problems_error(source, list(dict.fromkeys(errors)))
     return recipe
 
 
 def _apply_override(raw: dict, item: str) -> str | None:
-    key, sep, value = item.partition("=")
+    key, sep, text = item.partition("=")
     if not sep or not key:
-        return f"override {item!r}: write overrides as key=value, e.g. train.steps=200"
+        return f"override {_shown(item)}: write overrides as key=value, e.g. train.steps=200"
     parts = key.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
-        node = node.setdefault(part, {})
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            return f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section"
-    node[parts[-1]] = yaml.safe_load(value) if value else None
+            return f"override {printable(key)}: {printable('.'.join(parts[: i + 1]))} is not a section"
+    try:
+        value = parse_value(text) if text else None
+    except ValueError as e:
+        if text[0] in "[{\"'":  # meant as a list, mapping or quoted text
+            return f"override {printable(key)}: {_shown(text)} is not valid YAML: {printable(str(e), 160)}"
+        value = text  # words YAML cannot read, such as a glob (*.jsonl): the text itself
+    node[parts[-1]] = value
     return None
 
 
 def _describe(err: dict, model: type[BaseModel], prefix: tuple = ()) -> str:
     loc = prefix + tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
+    key = printable(".".join(str(p) for p in loc)) or "(top level)"
     if err["type"] == "extra_forbidden":
         known = _fields_at(model, tuple(err["loc"][:-1]))
         hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
         also = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(known)}"
         return f"{key}: unknown key; {also}"
     msg = err["msg"].removeprefix("Value error, ")
-    shown = "" if err["type"] == "missing" or isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+    msg = re.sub(r" or instance of \w+", " (a section of keys)", msg)  # no class names in a user's error
+    shown = "" if err["type"] == "missing" or isinstance(err.get("input"), dict) else f" (got {_shown(err.get('input'))})"
     return f"{key}: {msg}{shown}"
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        sub = _section_model(getattr(field, "annotation", None))
+        if sub is None:
             return []
-        model = annotation
+        model = sub
     return list(model.model_fields)
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _types_in(annotation: Any) -> set:
+    """The plain types a field accepts: `int | None` → {int, NoneType}, Literal[0, 1] → {int}."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return {type(a) for a in args}
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*map(_types_in, args))
+    return {annotation}
+
+
+def _number_problems(model: type[BaseModel], raw: Any, prefix: str = "") -> dict[str, str]:
+    """{dotted key: problem} for what pydantic's lax mode lets through: true/false where a number
+    goes (it reads true as 1), integers past int64 (torch, numpy and DeepSpeed cannot hold them)."""
+    if not isinstance(raw, dict):
+        return {}
+    problems = {}
+    for name, field in model.model_fields.items():
+        if name not in raw:
+            continue
+        value, key, accepted = raw[name], f"{prefix}{name}", _types_in(field.annotation)
+        if (sub := _section_model(field.annotation)) is not None:
+            problems.update(_number_problems(sub, value, f"{key}."))
+        elif isinstance(value, bool) and bool not in accepted and accepted & {int, float}:
+            problems[key] = f"{key}: a number goes here, not {str(value).lower()}"
+        elif type(value) is int and int in accepted and not -(2**63) <= value < 2**63:
+            problems[key] = f"{key}: too large (at most {2**63 - 1:,})"
+    return problems
 
 
 def _head_errors(head: Any, model: Any) -> list[str]:
@@ -309,9 +452,12 @@ def _head_errors(head: Any, model: Any) -> list[str]:
         return []  # Recipe validation already reported it
     spec = dict(head)
     name = spec.get("type", "softmax")
-    if name not in HEADS:
+    if not isinstance(name, str) or name not in HEADS:
         hint = difflib.get_close_matches(str(name), list(HEADS), n=1)
-        return [f"head.type: unknown head {name!r}; " + (f"did you mean {hint[0]!r}?" if hint else f"choose one of {', '.join(HEADS)}")]
+        return [f"head.type: unknown head {_shown(name)}; " + (f"did you mean {hint[0]!r}?" if hint else f"choose one of {', '.join(HEADS)}")]
+    numbers = _number_problems(head_class(name).Options, {k: v for k, v in spec.items() if k != "type"}, "head.")
+    if numbers:
+        return list(numbers.values())
     try:
         cls, _ = parse_head_options(spec)
     except ValidationError as e:
@@ -319,7 +465,133 @@ def _head_errors(head: Any, model: Any) -> list[str]:
     if isinstance(model, dict) and model.get("tie_embeddings") and not cls.supports_tying:
         if model.get("hf"):
             return [f"model.hf: {model['hf']} ties its embedding to lm_head (tie_word_embeddings), and the {name} "
-                    "head has no single [vocab, d_model] weight to share; choose a head that can tie "
+                    "head has no single (vocab × d_model) weight to share; choose a head that can tie "
                     f"({', '.join(n for n in HEADS if head_class(n).supports_tying)}) or an untied model"]
-        return [f"model.tie_embeddings: the {name} head has no single [vocab, d_model] weight to share; set it to false"]
+        return [f"model.tie_embeddings: the {name} head has no single (vocab × d_model) weight to share; set it to false"]
     return []
+
+
+def parse_head_specs(text: str, flag: str = "--heads") -> list[tuple[str, dict[str, Any]]]:
+    """`softmax,cce:chunk_size=256:filter_eps=1e-4` → [(entry, head spec)]: registered heads, each
+    optionally followed by options as in a recipe's head section; one syntax for every command.
+    Each spec is validated and normalized (typed, defaults written out); UserError naming `flag`."""
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        raise UserError(f"{flag} {_shown(text)}: name at least one head: {', '.join(HEADS)}")
+    specs, problems = [], []
+    for entry in entries:
+        name, *pairs = entry.split(":")
+        spec: dict[str, Any] = {"type": name}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not (sep and key):
+                problems.append(f"{printable(entry)}: write options as key=value, e.g. cce:chunk_size=256")
+                continue
+            try:
+                spec[key] = parse_value(value) if value else None
+            except ValueError:
+                spec[key] = value
+        errors = _head_errors(spec, {})
+        problems += [f"{printable(entry)}: {e}" for e in errors]
+        if not errors:
+            specs.append((entry, normalize_head_spec(spec)))
+    if problems:
+        raise UserError(f"{flag}: " + "; ".join(problems))
+    return specs
+
+
+# ---------------------------------------------------------------------------- documentation
+
+
+class KeyDoc(NamedTuple):
+    key: str  # dotted, e.g. train.steps
+    type: str
+    default: str  # as YAML writes it
+    description: str
+    heads: tuple[str, ...] = ()  # head options: the head types that take it
+
+
+def recipe_keys() -> list[KeyDoc]:
+    """Every key a recipe can set, from the schema: sections' fields, then each head's options
+    (an option shared by several heads once, naming them)."""
+    docs = []
+    for name, field in Recipe.model_fields.items():
+        section = _section_model(field.annotation)
+        if section is None:
+            docs.append(_key_doc(name, field))
+        elif section is HeadSection:
+            docs.append(_key_doc("head.type", HeadSection.model_fields["type"]))
+            options: dict[KeyDoc, list[str]] = {}
+            for head in HEADS:
+                for option, f in head_class(head).Options.model_fields.items():
+                    options.setdefault(_key_doc(f"head.{option}", f), []).append(head)
+            docs += [doc._replace(heads=tuple(heads)) for doc, heads in options.items()]
+        else:
+            docs += [_key_doc(f"{name}.{key}", f) for key, f in section.model_fields.items()]
+    return docs
+
+
+def _key_doc(key: str, field: Any) -> KeyDoc:
+    default = field.get_default(call_default_factory=True)
+    default = list(default) if isinstance(default, tuple) else default
+    text = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+    return KeyDoc(key, _type_name(field.annotation), text, field.description or "")
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named + (["null"] if type(None) in args else []))
+    if origin is tuple:
+        return "[" + ", ".join(map(_type_name, args)) + "]"
+    if origin is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation)).replace("str", "text")
+
+
+# ---------------------------------------------------------------------------- shipped recipes
+
+# The repository's recipes/ folder: llmtrain/recipes links to it, so a source checkout and an
+# installed wheel (which packages the files through that link) find them at the same place.
+SHIPPED_DIR = Path(__file__).parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, tuple[Path, str]]:
+    """{name: (file, the first line of its opening comment: a summary)} of the shipped recipes."""
+    found = {}
+    for path in sorted(SHIPPED_DIR.glob("*.yaml")):
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+        found[path.stem] = (path, first.lstrip("# ").strip())
+    return found
+
+
+def copy_recipe(name: str, dest: Path) -> list[Path]:
+    """Copy the shipped recipe `name` to `dest` (a file, or a folder to put NAME.yaml in); a model
+    folder it ships with (model.hf under recipes/) is copied beside it and the recipe pointed there.
+    Nothing is overwritten. Returns what was written."""
+    import shutil
+
+    recipes = shipped_recipes()
+    if name not in recipes:
+        hint = difflib.get_close_matches(name, list(recipes), n=1)
+        raise UserError(f"recipe copy {name!r}: no such shipped recipe; "
+                        + (f"did you mean {hint[0]!r}?" if hint else f"choose one of {', '.join(recipes)}"))
+    source = recipes[name][0]
+    if dest.is_dir():
+        dest = dest / source.name
+    text = source.read_text()
+    hf = ((read_yaml_file(source) or {}).get("model") or {}).get("hf")
+    folder = SHIPPED_DIR / Path(hf).name if hf and Path(hf).parts[:1] == ("recipes",) else None
+    targets = [dest] + ([dest.parent / folder.name] if folder is not None and folder.is_dir() else [])
+    taken = [t for t in targets if t.exists()]
+    if taken:
+        raise UserError(f"recipe copy: {taken[0]} exists; choose another DEST (nothing was written)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if len(targets) > 1:
+        shutil.copytree(folder, targets[1])
+        text = text.replace(f"hf: {hf}", f"hf: {targets[1].as_posix()}", 1)
+    dest.write_text(text)
+    return targets

@@ -154,9 +154,9 @@ def test_llama_preset_estimate_allocates_nothing():
 def test_budget_parsing():
     assert parse_budget("80 GB") == 80 * 10**9
     assert parse_budget("80GiB") == 80 * 2**30
-    assert parse_budget("80e9") == 80 * 10**9
+    assert parse_budget("80e9B") == 80 * 10**9
     assert parse_budget("512MiB") == 512 * 2**20
-    for bad in ("eighty", "80 parsecs", "-5GB", "0", "", "1e400"):
+    for bad in ("eighty", "80 parsecs", "-5GB", "0", "", "1e400", "80", "80e9"):  # a unit is required
         with pytest.raises(ValueError, match="--budget"):
             parse_budget(bad)
 
@@ -170,7 +170,7 @@ def test_verdict_names_the_least_disruptive_change_that_fits(tmp_path):
     yaml_path = tmp_path / "r.yaml"
     yaml_path.write_text(recipe.to_yaml())
     out = tmp_path / "r.json"
-    result = cli(str(yaml_path), "--heads", "softmax", "--budget", str(budget), "--no-measure", "--json", str(out))
+    result = cli(str(yaml_path), "--heads", "softmax", "--budget", f"{budget}B", "--no-measure", "--json", str(out))
     assert result.exit_code == 0, result.output
     entry = json.loads(out.read_text())["heads"]["softmax"]
     assert entry["fits"] is False and entry["estimate"]["total"] == here
@@ -198,7 +198,7 @@ def test_verdict_names_the_least_disruptive_change_that_fits(tmp_path):
         assert estimate_recipe(recipe_with(recipe, train={"micro_batch": larger, "grad_accum": 8 // larger}), 8192).total > budget
     assert "fits with: ZeRO-" in result.output
     # a budget above the total fits, with nothing to change
-    result = cli(str(yaml_path), "--heads", "softmax", "--budget", str(here), "--no-measure", "--json", str(out))
+    result = cli(str(yaml_path), "--heads", "softmax", "--budget", f"{here}B", "--no-measure", "--json", str(out))
     assert json.loads(out.read_text())["heads"]["softmax"]["fits"] is True
 
 
@@ -206,7 +206,7 @@ def test_bare_shape_json_measured_and_plot(tmp_path):
     out, png = tmp_path / "s.json", tmp_path / "s.png"
     est = estimate_head({"type": "softmax"}, 512, 64, 8192, "fp32")
     result = cli("--tokens", "512", "--vocab", "8192", "--hidden", "64", "--dtype", "fp32", "--heads", "softmax",
-                 "--budget", str(est.total // 2), "--json", str(out), "--plot", str(png))
+                 "--budget", f"{est.total // 2}B", "--json", str(out), "--plot", str(png))
     assert result.exit_code == 0, result.output
     entry = json.loads(out.read_text())["heads"]["softmax"]
     assert set(entry["estimate"]) == {"parameters", "gradients", "head_transient", "head_total", "total"}

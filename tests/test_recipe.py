@@ -44,7 +44,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
     recipe = load_recipe(_write(tmp_path, {}), ["train.steps=70", "deepspeed.zero_stage=3", "head.type=softmax",
                                                 "head.softcap=30", "model.tie_embeddings=true", "train.lr=1e-3"])
     assert recipe.train.steps == 70 and recipe.deepspeed.zero_stage == 3
-    assert recipe.head_spec() == {"type": "softmax", "softcap": 30}
+    assert recipe.head_spec() == {"type": "softmax", "bias": False, "softcap": 30.0, "z_loss": 0.0, "label_smoothing": 0.0}
     assert recipe.model.tie_embeddings is True and recipe.train.lr == 1e-3
 
 

@@ -30,14 +30,49 @@ def check_time(value: str | None) -> None:
         raise UserError(f"--time {value!r}: use a SLURM time limit such as 90 (minutes), 4:00:00 or 2-00:00:00")
 
 
+# #SBATCH options the script sets itself (long and short names), and what sets them instead
+OWN_OPTIONS = {"nodes": "--nodes", "N": "--nodes", "ntasks-per-node": "--gpus-per-node",
+               "gpus-per-node": "--gpus-per-node", "partition": "--partition", "p": "--partition", "time": "--time",
+               "t": "--time", "account": "--account", "A": "--account", "qos": "--qos", "q": "--qos",
+               "constraint": "--constraint", "C": "--constraint", "cpus-per-task": "--cpus-per-task",
+               "c": "--cpus-per-task", "job-name": "the recipe's name", "J": "the recipe's name"}
+OWN_OPTIONS.update(dict.fromkeys(["requeue", "open-mode", "output", "o", "signal"], "the preemption-safe requeue"))
+
+
+def sbatch_lines(account: str | None, qos: str | None, constraint: str | None, extra: list[str]) -> list[str]:
+    """The #SBATCH options of --account, --qos, --constraint and each --sbatch-line, checked: one
+    option per line, none that the script sets itself."""
+    lines = []
+    for flag, value in (("--account", account), ("--qos", qos)):
+        if value is not None:
+            if not SAFE_NAME.match(value):
+                raise UserError(f"{flag} {value!r}: not a SLURM name (letters, digits, _ . -)")
+            lines.append(f"{flag}={value}")
+    if constraint is not None:
+        if not constraint.isprintable() or not constraint or any(c.isspace() for c in constraint):
+            raise UserError(f"--constraint {constraint!r}: node features without spaces, e.g. 'a100&ib'")
+        lines.append(f"--constraint={constraint}")
+    for line in extra:
+        option = line.strip().removeprefix("#SBATCH").strip()
+        name = option.lstrip("-").split("=")[0].split(" ")[0]
+        if not option.startswith("-") or not name or not option.isprintable():
+            raise UserError(f"--sbatch-line {line!r}: one sbatch option on one line, e.g. --sbatch-line=--mail-type=END")
+        if name in OWN_OPTIONS:
+            raise UserError(f"--sbatch-line {line!r}: the script sets this option from {OWN_OPTIONS[name]}")
+        lines.append(option)
+    return lines
+
+
 def render(*, recipe: Path, overrides: list[str], run_dir: Path, nodes: int, gpus_per_node: int, job_name: str,
            python: str, partition: str | None = None, time_limit: str | None = None, warn_seconds: int = 180,
-           cpus_per_task: int | None = None) -> str:
+           cpus_per_task: int | None = None, account: str | None = None, qos: str | None = None,
+           constraint: str | None = None, extra_lines: list[str] = ()) -> str:
     """The script text. Paths are made absolute: the job starts in the submit directory, but a
     requeued job may not."""
     check_time(time_limit)
     if partition is not None and not SAFE_NAME.match(partition):
         raise UserError(f"--partition {partition!r}: not a SLURM partition name")
+    extra = sbatch_lines(account, qos, constraint, list(extra_lines))
     q = shlex.quote
     sbatch = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={gpus_per_node}",
               f"--gpus-per-node={gpus_per_node}"]
@@ -47,6 +82,7 @@ def render(*, recipe: Path, overrides: list[str], run_dir: Path, nodes: int, gpu
         sbatch.append(f"--partition={partition}")
     if time_limit:
         sbatch.append(f"--time={time_limit}")
+    sbatch += extra
     sbatch += ["--requeue", "--open-mode=append", f"--output={run_dir.parent.absolute() / (run_dir.name + '-slurm-%j.out')}",
                f"--signal=B:USR1@{warn_seconds}"]
     header = "\n".join(f"#SBATCH {line}" for line in sbatch)

@@ -57,17 +57,18 @@ def hf_recipe(path: str | Path, name: str, seq_len: int = 8192) -> dict[str, Any
 
 PRESETS: dict[str, dict[str, Any]] = {name: hf_recipe(PRESET_DIR / name, name) for name in PRESET_NAMES}
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
 def parse_budget(text: str) -> int:
-    """'80GB' (10⁹), '80 GiB' (2³⁰), '80e9' (bytes), '512MiB' → bytes."""
+    """'80GB' (10⁹), '80 GiB' (2³⁰), '512MiB', '80e9B' → bytes. The unit is required: a bare 80
+    would be 80 bytes, which nobody means."""
     match = _BUDGET.match(str(text))
     unit = match.group(2).upper() if match else ""
     if not match or unit not in _UNITS:
-        raise ValueError(f"--budget {text!r}: write a size such as 80GB, 80GiB, 512MiB or 80e9 (bytes)")
+        raise ValueError(f"--budget {text!r}: write a size with its unit, such as 80GB, 80GiB or 512MiB")
     value = float(match.group(1)) * _UNITS[unit]
     if not 1 <= value < 2**63:
         raise ValueError(f"--budget {text!r}: must be between 1 byte and 8 EiB")

@@ -9,13 +9,15 @@ The command is a plain function with Typer-annotated parameters; the CLI registe
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from llmtrain.errors import UserError
 
@@ -28,6 +30,8 @@ COMPONENTS = [("parameters", "params"), ("gradients", "grads"), ("optimizer_stat
               ("activations", "activations"), ("recomputed", "recomputed layer"),
               ("layer_backward", "layer backward"), ("head_transient", "head transient")]
 PLOT_VOCABS = [2**k for k in range(12, 22)]
+PRESET_CHOICES = tuple(sorted(p.name for p in (Path(__file__).parent / "presets").iterdir() if p.is_dir()))
+DEFAULT_DTYPE = "fp32"  # as train.precision's default and `bench heads`
 
 
 @dataclass
@@ -45,57 +49,64 @@ class Target:
 
 def profile(
     recipe_path: Optional[Path] = typer.Argument(None, metavar="[RECIPE]", help="recipe YAML file", show_default=False),
-    overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value recipe overrides", show_default=False),
-    preset: Optional[str] = typer.Option(None, help="a published architecture instead of a recipe (its config.json ships "
-                                         "with llmtrain): gemma2-2b, llama3-8b, qwen2.5-7b"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value recipe overrides (also after --preset "
+                                                    "or --hf)", show_default=False, metavar="[KEY=VALUE]..."),
+    preset: Optional[Literal[PRESET_CHOICES]] = typer.Option(None, help="a published architecture instead of a recipe "
+                                                             "(its config.json ships with llmtrain)", show_default=False),
     hf: Optional[Path] = typer.Option(None, "--hf", help="a Hugging Face model folder instead of a recipe (config.json alone "
                                       "is enough; nothing is downloaded or allocated)", show_default=False),
     tokens: Optional[int] = typer.Option(None, min=1, help="bare shape: tokens per step (with --vocab, --hidden)"),
     vocab: Optional[int] = typer.Option(None, min=1, help="bare shape: vocabulary size"),
     hidden: Optional[int] = typer.Option(None, min=1, help="bare shape: hidden size"),
-    dtype: Optional[str] = typer.Option(None, help="bare shape: fp32 or bf16 [default: bf16]"),
-    heads: Optional[str] = typer.Option(None, help="comma-separated heads to compare [default: every registered head]"),
+    dtype: Optional[Literal["fp32", "bf16"]] = typer.Option(None, help=f"bare shape: the dtype [default: {DEFAULT_DTYPE}]",
+                                                          show_default=False),
+    heads: Optional[str] = typer.Option(None, help="comma-separated heads to compare, each optionally with options as in "
+                                        "a recipe, e.g. softmax,cce:chunk_size=512 [default: every registered head]",
+                                        show_default=False),
     world_size: Optional[int] = typer.Option(None, min=1, help="ranks [default: the recipe's launch.ranks_per_node × launch.nodes]"),
     zero_stage: Optional[int] = typer.Option(None, min=0, max=3, help="ZeRO stage [default: the recipe's]"),
-    budget: Optional[str] = typer.Option(None, help="memory per rank, e.g. 80GB, 80GiB, 80e9: fits or not, and what would make it fit"),
+    budget: Optional[str] = typer.Option(None, help="memory per rank with its unit, e.g. 80GB or 80GiB: fits or not, and "
+                                         "what would make it fit"),
     measure: bool = typer.Option(True, "--measure/--no-measure", help="also measure on this device (fresh process per head)"),
     snapshot: Optional[Path] = typer.Option(None, help="CUDA: dump the allocator history of each measured step into this folder"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write estimates and measurements to this JSON file"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write estimates and measurements to this JSON file "
+                                             "('-': to stdout, the report then goes to stderr)"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG of head memory against vocabulary size"),
 ):
     """Memory of each head choice per rank: estimated by component for any shape, measured on this device.
 
     Examples:
 
-      llmtrain profile recipes/tiny.yaml --budget 8GB
-
+    \b
+      llmtrain profile recipes/tiny.yaml --budget 8GB --no-measure
       llmtrain profile --preset llama3-8b --world-size 8 --zero-stage 3 --budget 80GB --no-measure
-
-      llmtrain profile --hf /models/gemma-2-2b --heads softmax,cce,hsm --world-size 8 --budget 80GB --no-measure
-
       llmtrain profile --preset llama3-8b model.activation_checkpointing=true train.micro_batch=2 --no-measure
-
-      llmtrain profile --tokens 8192 --vocab 256000 --hidden 2304 --dtype bf16 --plot heads.png
+      llmtrain profile --hf recipes/hf-tiny-qwen2 --heads softmax,cce:chunk_size=512,hsm --budget 80GiB --no-measure
+      llmtrain profile --tokens 8192 --vocab 256000 --hidden 2304 --dtype bf16 --no-measure --json -
     """
-    from llmtrain.profile.estimate import parse_budget, parse_heads
+    from llmtrain.profile.estimate import parse_budget
+    from llmtrain.recipe import parse_head_specs
 
-    console = Console()
+    to_stdout = json_path == Path("-")
+    console = Console(stderr=to_stdout, markup=False, emoji=False, highlight=False, soft_wrap=True)  # plain text: labels hold paths
     try:
         budget_bytes = parse_budget(budget) if budget is not None else None
-        head_names = parse_heads(heads) if heads is not None else None
     except ValueError as e:
         raise UserError(str(e)) from None
+    head_specs = dict(parse_head_specs(heads)) if heads is not None else None
     target = _target(recipe_path, overrides or [], preset, hf, tokens, vocab, hidden, dtype, world_size, zero_stage)
     if snapshot is not None:
         _check_snapshot(snapshot, measure)
-    report = build_report(target, head_names, budget_bytes, measure, snapshot, preset, budget)
+    report = build_report(target, head_specs, budget_bytes, measure, snapshot, preset, budget)
     render(console, report)
-    if json_path is not None:
+    if to_stdout:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    elif json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))
         console.print(f"wrote {json_path}")
     if plot is not None:
-        write_plot(plot, target, list(report["heads"]), budget_bytes)
+        write_plot(plot, target, {label: h["spec"] for label, h in report["heads"].items()}, budget_bytes)
         console.print(f"wrote {plot}")
 
 
@@ -130,7 +141,7 @@ def _target(recipe_path, overrides, preset, hf, tokens, vocab, hidden, dtype, wo
         for flag, value in (("--tokens", tokens), ("--vocab", vocab), ("--hidden", hidden)):
             if value < 1:
                 raise UserError(f"{flag} must be a positive integer, got {value}")
-        precision = dtype or "bf16"
+        precision = dtype or DEFAULT_DTYPE
         if precision not in PRECISION_DTYPES:
             raise UserError(f"--dtype {precision!r}: choose {' or '.join(PRECISION_DTYPES)}")
         if world_size is not None or zero_stage is not None or overrides:
@@ -193,15 +204,17 @@ def _check_snapshot(folder: Path, measure: bool) -> None:
 # ----------------------------------------------------------------------------- the report
 
 
-def build_report(target: Target, head_names, budget: int | None, measure: bool, snapshot: Path | None,
-                 preset: str | None, budget_text: str | None = None) -> dict[str, Any]:
-    """Everything `--json` writes: the target, and per head its estimate, verdict and measurement."""
+def build_report(target: Target, head_specs: dict[str, dict] | None, budget: int | None, measure: bool,
+                 snapshot: Path | None, preset: str | None, budget_text: str | None = None) -> dict[str, Any]:
+    """Everything `--json` writes: the target, and per head its estimate, verdict and measurement.
+    `head_specs`: {label: head spec} as `--heads` gives them (None: every registered head); a bare
+    head name takes the target's own settings for it (the recipe's options, a model's softcap)."""
     from llmtrain.heads import HEADS, head_class
     from llmtrain.profile.estimate import (deepspeed_model_states, estimate_head, estimate_recipe, fixes_for_recipe,
                                        fixes_for_shape, recipe_with)
 
-    names = head_names or list(HEADS)
-    specs = {n: _spec_for(target, n) for n in names}
+    specs = {label: spec if ":" in label else _spec_for(target, spec["type"])
+             for label, spec in (head_specs or {n: {"type": n} for n in HEADS}).items()}
     report: dict[str, Any] = {
         "target": {"label": target.label, "tokens": target.tokens, "vocab": target.vocab, "hidden": target.hidden,
                    "precision": target.precision, "world_size": target.world_size if target.recipe else None,
@@ -219,7 +232,7 @@ def build_report(target: Target, head_names, budget: int | None, measure: bool, 
     for name, spec in specs.items():
         if target.recipe is not None:
             recipe = recipe_with(target.recipe, head=spec)
-            if recipe.temperature.enabled and not head_class(name).supports_temperature:
+            if recipe.temperature.enabled and not head_class(spec["type"]).supports_temperature:
                 recipe = recipe_with(recipe, temperature={"enabled": False})
                 report["notes"].append(f"{name}: estimated without the temperature network, which it cannot serve")
             if target.recipe.model.tie_embeddings and not recipe.model.tie_embeddings:
@@ -316,7 +329,7 @@ def measure_heads(report: dict, target: Target, specs: dict, snapshot: Path | No
 def render(console: Console, report: dict) -> None:
     heads = report["heads"]
     budget = report["budget_bytes"]
-    console.print(f"[bold]Memory per rank[/]: {report['target']['label']}")
+    console.print(Text.assemble(("Memory per rank", "bold"), f": {report['target']['label']}"))
     table = Table()
     table.add_column("")
     for name in heads:
@@ -325,11 +338,13 @@ def render(console: Console, report: dict) -> None:
         if any(h["estimate"].get(key) for h in heads.values()):
             table.add_row(title, *(_size(h["estimate"][key]) for h in heads.values()))
     table.add_row("head total", *(_size(h["estimate"]["head_total"]) for h in heads.values()), end_section=True)
-    table.add_row("[bold]total / rank[/]", *(f"[bold]{_size(h['estimate']['total'])}[/]" for h in heads.values()))
+    table.add_row(Text("total / rank", "bold"), *(Text(_size(h["estimate"]["total"]), "bold") for h in heads.values()))
     if report.get("runtime_on_cpu_bytes"):
         table.add_row("on this CPU", *(_size(h["estimate"]["total_on_this_cpu"]) for h in heads.values()))
     if budget:
-        table.add_row(f"≤ {report['budget']}", *("[green]fits[/]" if h["fits"] else "[red]no[/]" for h in heads.values()))
+        # the budget as given and in the unit of the figures above (GiB): 80GB is 74.5 GiB
+        table.add_row(f"≤ {report['budget']} ({_size(budget)})",
+                      *(Text("fits", "green") if h["fits"] else Text("no", "red") for h in heads.values()))
     for kind, title in (("head_forward_backward", "measured head"), ("training_step", "measured step")):
         if any(kind in h.get("measured", {}) for h in heads.values()):
             table.add_row(title, *(_measured_cell(h["measured"].get(kind, {})) for h in heads.values()))
@@ -370,11 +385,11 @@ def render(console: Console, report: dict) -> None:
         _render_verdict(console, report)
 
 
-def _measured_cell(m: dict) -> str:
+def _measured_cell(m: dict) -> str | Text:
     if "bytes" in m:
         ratio = m["bytes"] / max(1, m["compare_with"]["bytes"]) - 1
         return f"{_size(m['bytes'])} ({ratio:+.1%})"
-    return "[dim]" + ("skipped: too big here" if "skipped" in m else m.get("error", "—"))[:40] + "[/]"
+    return Text(("skipped: too big here" if "skipped" in m else m.get("error", "—"))[:40], "dim")
 
 
 def _render_reference(console: Console, report: dict) -> None:
@@ -402,7 +417,7 @@ def _render_verdict(console: Console, report: dict) -> None:
     where = (f"{target['world_size']} × {report['budget']} with ZeRO-{target['zero_stage']}"
              if target["world_size"] else report["budget"])
     fitting = [n for n, h in report["heads"].items() if h["fits"]]
-    console.print(f"[bold]Fits on {where}:[/] " + (", ".join(fitting) if fitting else "[red]no head[/]"))
+    console.print(Text.assemble((f"Fits on {where}:", "bold"), " ", (", ".join(fitting), "") if fitting else ("no head", "red")))
     for name, h in report["heads"].items():
         if not h["fits"]:
             options = " · ".join(f"{f['change']} ({_size(f['total'])})" for f in h["fixes"])
@@ -410,8 +425,11 @@ def _render_verdict(console: Console, report: dict) -> None:
                           + (f"fits with: {options}" if options else "no single change found that makes it fit"))
 
 
-def write_plot(path: Path, target: Target, names: list[str], budget: int | None) -> None:
-    """Head memory (head total) against vocabulary size, at the target's tokens and hidden size."""
+def write_plot(path: Path, target: Target, specs: dict[str, dict] | list[str], budget: int | None) -> None:
+    """Head memory (head total) against vocabulary size, at the target's tokens and hidden size;
+    `specs` {label: head spec}, or head names at the target's settings."""
+    if not isinstance(specs, dict):
+        specs = {name: _spec_for(target, name) for name in specs}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -421,8 +439,7 @@ def write_plot(path: Path, target: Target, names: list[str], budget: int | None)
 
     vocabs = sorted(set(PLOT_VOCABS) | {target.vocab})
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in names:
-        spec = _spec_for(target, name)
+    for name, spec in specs.items():
         ax.plot(vocabs, [estimate_head(spec, target.tokens, target.hidden, v, target.precision).head_total / 2**30
                          for v in vocabs], marker="o", markersize=3, label=name)
     if budget:

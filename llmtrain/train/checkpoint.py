@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.errors import UserError
+from llmtrain.recipe import normalize_head_spec
 
 META = "llmtrain.json"
 
@@ -69,11 +70,15 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
 
 
 def identity_problems(meta: dict[str, Any], identity: dict[str, Any], tokenizer_hash: str) -> list[str]:
-    """What differs between a checkpoint's saved model, head and tokenizer and ``identity``'s."""
+    """What differs between a checkpoint's saved model, head and tokenizer and ``identity``'s. Head
+    options are compared as their schema types them, defaults written out: a checkpoint saved with
+    raw option strings ('1e-4') or without its defaults matches the same head spelled otherwise."""
+    saved = {**meta["identity"], "head": normalize_head_spec(meta["identity"].get("head") or {})}
+    identity = {**identity, "head": normalize_head_spec(identity["head"])}
     problems = [
-        f"{section}: checkpoint has {_diff(meta['identity'][section], identity[section])}"
+        f"{section}: checkpoint has {_diff(saved[section], identity[section])}"
         for section in ("model", "head", "tokenizer")
-        if meta["identity"].get(section) != identity[section]
+        if saved.get(section) != identity[section]
     ]
     if meta.get("tokenizer_hash") != tokenizer_hash:
         problems.append("tokenizer: the checkpoint was trained with another tokenizer (its content hash differs)")
