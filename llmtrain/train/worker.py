@@ -335,7 +335,10 @@ class Worker:
             block = self.train_blocks[self.sampler.next_indices()].to(self.device)
             out = self.engine(block[:, :-1], block[:, 1:])
             self.engine.backward(out.loss)
+            stepping = self.engine.is_gradient_accumulation_boundary()  # this step() updates the weights
             self.engine.step()
+            if stepping:
+                self.engine.module.head.optimizer_stepped()  # zloss drops its Gram matrix of the old weights
             total += out.loss.detach().float().cpu()
             for key, value in out.metrics.items():
                 metrics.setdefault(key, []).append(value)
