@@ -24,6 +24,8 @@ The contract every head keeps (tests/test_head_contract.py checks it for each re
 from __future__ import annotations
 
 import abc
+import contextlib
+import sys
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -195,3 +197,15 @@ def entropy_of_scores(scores: torch.Tensor) -> torch.Tensor:
     e = x.exp()
     total = e.sum(1, dtype=torch.float64)
     return (total.log() - e.mul_(x).sum(1, dtype=torch.float64) / total).float()
+
+
+@contextlib.contextmanager
+def weight_available(weight: torch.Tensor):
+    """Under ZeRO-3 a partitioned parameter outside its module's forward holds a 0-element
+    stand-in; gather it for the duration. Heads import no DeepSpeed: a parameter with a ds_id was
+    made by DeepSpeed, which is therefore loaded, and its gathering context is taken from there."""
+    if weight.numel() == 0 and hasattr(weight, "ds_id"):
+        with sys.modules["deepspeed"].zero.GatheredParameters([weight]):
+            yield
+    else:
+        yield

@@ -5,32 +5,39 @@ of the chunk's tokens) is formed by one matmul and turned in place into exp(s �
 the log-sum-exp and the loss and — when gradients are wanted and the loss is reduced to a scalar —
 feeds the two gradient matmuls right away (Liger Kernel's order: the gradients are final during
 the forward because the loss ends the graph; backward only scales them by the upstream scalar).
-So each of the three N·V·D products is done once and extra memory is one tile. In bf16/fp16 the
-weight gradient must be summed over chunks in fp32: rather than keep a V × D fp32 accumulator
-(twice the 16-bit gradient), a second pass goes over the vocabulary in blocks with the
-log-sum-exps known, recomputing the scores (Apple's CCE order), and sums each block of dW over
-all tokens in fp32. Either way the backward needs neither the weight nor the inputs — which is
-also what makes it correct under ZeRO-3, where the weight is gathered only around the head's
-forward. ``reduction="none"`` cannot fold an arbitrary per-token upstream gradient into
-gradients computed earlier, so it keeps the inputs and recomputes in backward (gathering a ZeRO-3
-weight there if it is partitioned).
+So each of the three N·V·D products is done once and extra memory is one tile. In bf16 the same
+one pass runs over token-major 16-bit tiles (eager's logits, a chunk at a time): each block of
+rows goes through fp32 once (max, exp, sum, then the exact gradient row written back over the
+scores), and the weight gradient is summed over chunks in a V × D fp32 accumulator, within
+FP32_ACCUMULATOR_BUDGET; past it, a second pass goes over the vocabulary in blocks with the
+log-sum-exps known, recomputing the scores (Apple's CCE order: a fourth product), and sums each
+block of dW over all tokens in fp32. fp16 is refused: the gradients exist before the loss
+scale that fp16 training multiplies them by. Either way the backward needs neither the weight
+nor the inputs — which is also what makes it correct under ZeRO-3, where the weight is gathered
+only around the head's forward. ``reduction="none"`` cannot fold an arbitrary per-token upstream
+gradient into gradients computed earlier, so it keeps the inputs and recomputes in backward
+(gathering a ZeRO-3 weight there if it is partitioned).
 
 The gradient of one token's loss with respect to its (soft-capped) scores s, before the softcap's
 derivative 1 − tanh²: w·[(1 + 2·z_loss·lse)·p − (1 − ε)·onehot(target) − ε/V], w the token's
-upstream weight. Without softcap the row scale and the two constant terms are applied to the
-small [chunk, D] operands instead of the [chunk, V] tile.
+upstream weight. Without softcap, in fp32, the row scale and the two constant terms are applied
+to the small [chunk, D] operands instead of the [chunk, V] tile (in 16 bits the one-hot must be
+subtracted before rounding: p − 1 near p = 1 would cancel).
+
+``filter_eps`` (opt-in, inexact; Apple's gradient filtering) means the same on every path: for
+each chunk of kept tokens and each FILTER_BLOCK-wide block of the vocabulary whose probabilities
+are all below eps and which holds none of the chunk's targets, the block's whole share of the
+gradients — probability, z-loss, label-smoothing and softcap terms, and the bias's — is left out.
+The loss is exact.
 """
 
 from __future__ import annotations
-
-import contextlib
-import sys
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from llmtrain.heads.base import IGNORE_INDEX, HeadOutput, check_head_inputs, check_k, dtype_bytes
+from llmtrain.heads.base import IGNORE_INDEX, HeadOutput, check_head_inputs, check_k, dtype_bytes, weight_available
 from llmtrain.heads.softmax import SoftmaxHead, SoftmaxOptions
 from llmtrain.heads.temperature import dro_shift, tau_metrics
 
@@ -252,7 +259,7 @@ def _smoothing_outside_tile(spans, vocab, smooth, hc, weight, w_colsum, dh_c, dw
 
 def _low_precision_one_pass(h, weight, bias, targets, rows, token_weight, losses, lses, *, softcap, label_smoothing,
                             z_loss, filter_eps, need=(True, True, True)):
-    """bf16/fp16 in one pass over token chunks, three N·V·D products in all (as eager and Liger):
+    """bf16 in one pass over token chunks, three N·V·D products in all (as eager and Liger):
     the chunk's [chunk, V] scores in the input dtype (as eager's logits), turned block of rows by
     block of rows into exact fp32 gradient rows (row·exp(s − lse) − smooth − onehot, times
     1 − tanh² under softcap; one max, one exp and one sum pass, then one fused update) and written
@@ -352,7 +359,7 @@ def _low_precision_one_pass(h, weight, bias, targets, rows, token_weight, losses
 
 def _low_precision_two_passes(h, weight, bias, targets, rows, token_weight, losses, lses, *, softcap,
                               label_smoothing, z_loss, filter_eps, need=(True, True, True)):
-    """bf16/fp16 where a V × D fp32 accumulator would exceed FP32_ACCUMULATOR_BUDGET: two passes, as
+    """bf16 where a V × D fp32 accumulator would exceed FP32_ACCUMULATOR_BUDGET: two passes, as
     Apple's CCE kernels: the losses and log-sum-exps first (the one-pass function without
     gradients), then, with the log-sum-exps known, the gradients one vocabulary block at a time.
     Going over the vocabulary in the outer loop lets each block of dW be summed over all tokens in
@@ -442,18 +449,6 @@ def _eval_scores(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return softcap * torch.tanh(scores / softcap) if softcap else scores
 
 
-@contextlib.contextmanager
-def _weight_available(weight: torch.Tensor):
-    """Under ZeRO-3 a partitioned parameter outside its module's forward holds a 0-element
-    stand-in; gather it for the duration. Heads import no DeepSpeed: a parameter with a ds_id was
-    made by DeepSpeed, which is therefore loaded, and its gathering context is taken from there."""
-    if weight.numel() == 0 and hasattr(weight, "ds_id"):
-        with sys.modules["deepspeed"].zero.GatheredParameters([weight]):
-            yield
-    else:
-        yield
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts, want_grads):
@@ -500,7 +495,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets if kept is None else targets.index_select(0, kept)
             g = grad_loss if kept is None else grad_loss.index_select(0, kept)
             kwargs = {k: ctx.opts[k] for k in ("softcap", "label_smoothing", "z_loss", "chunk_size", "filter_eps")}
-            with _weight_available(weight):
+            with weight_available(weight):
                 _, _, (dh, dw, db) = _chunked_loss_and_grads(
                     h, weight, bias, t, token_weight=g.float(), need=ctx.needs_input_grad[:3], **kwargs)
         if ctx.kept is not None and dh is not None:
@@ -720,12 +715,19 @@ class CCEHead(SoftmaxHead):
             # one pass: a tile beside the final gradients, and per chunk four [rows, D]
             # temporaries (its dh, the row-scaled hidden states, the target rows of W and their product)
             return tile + hidden_grad + 4 * rows * hidden_size * dtype_bytes(dtype)
+        b = dtype_bytes(dtype)
+        work = (2 if options.softcap else 1) * max(ROW_BLOCK_BYTES, 4 * vocab_size)  # fp32 row blocks
+        if fp32_accumulator_fits(vocab_size, hidden_size):
+            # one pass: the 16-bit tile, its fp32 row blocks, the fp32 dW accumulator and a block
+            # of 16-bit products beside dh; at the end the accumulator and the 16-bit dW coexist
+            # (the dW the profiler adds back).
+            return tile + work + 4 * vocab_size * hidden_size + min(vocab_size, ACCUMULATE_BLOCK) * hidden_size * b \
+                + hidden_grad
         # pass 1 (losses) runs before any gradient exists; pass 2 sums dh in fp32 beside one
         # [rows, block] tile in 16 and 32 bits, one fp32 block of dW and the 16-bit product added
         # to it; then dh is cast.
-        work = (2 if options.softcap else 1) * max(ROW_BLOCK_BYTES, 4 * vocab_size)
-        pass1 = tile + work - vocab_size * hidden_size * dtype_bytes(dtype)
+        pass1 = tile + work - vocab_size * hidden_size * b
         block = min(vocab_size, ACCUMULATE_BLOCK)
-        pass2 = rows * block * (dtype_bytes(dtype) + 4 * (2 if options.softcap else 1)) + block * hidden_size * (4 + dtype_bytes(dtype))
+        pass2 = rows * block * (b + 4 * (2 if options.softcap else 1)) + block * hidden_size * (4 + b)
         dh32 = n_tokens * hidden_size * 4
         return max(pass1, pass2 + dh32, dh32 + hidden_grad)
