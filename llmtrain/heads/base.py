@@ -149,10 +149,6 @@ class Head(nn.Module, abc.ABC):
         any weight gradient exists returns that peak minus the gradients' bytes. Calibrate it with
         ``llmtrain profile --tokens N --vocab V --hidden D``: the measurement is within ±10%."""
 
-    def optimizer_stepped(self) -> None:
-        """Called by the trainer after each optimizer step (not after every micro-step): a head
-        that keeps something derived from its weights (zloss's Gram matrix) drops it here."""
-
     def prepare(self, token_counts: torch.Tensor | None) -> None:
         """Called once before training with unigram counts [V] of the training data.
         Heads that derive structure from the data (hsm clusters) override this."""

@@ -247,28 +247,20 @@ class ZLossHead(Head):
         return HeadOutput(loss=loss, metrics={"z_target_mean": float(z.sum()) / n_keep})
 
     def _statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m, Q) of the weight, computed once per optimizer step (its V·D² work is the head's
-        largest): kept until the weight changes: `optimizer_stepped` (the trainer calls it after
-        every optimizer step: DeepSpeed writes updated weights through ``.data``, which autograd's
-        version counter does not see) or an in-place update by a plain optimizer, or a new
-        tensor (ZeRO-3 gathers the weight afresh for every forward)."""
+        """(m, Q) of the weight, computed once per weight state (its V·D² work is the head's
+        largest): micro-steps of one accumulation, evaluation and every sampling call between two
+        optimizer steps share it. The key is a fingerprint of the values, Σw and ‖w‖ in float64
+        (2·V·D reads, 2/D of the Gram's work), not autograd's version counter: DeepSpeed writes
+        updated weights through ``.data``, which the counter does not see, and ZeRO-3 gathers a
+        new tensor for every forward. An update leaving both unchanged to the last bit would
+        have to be built for it; row permutations leave (m, Q) unchanged anyway."""
         w = self.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
-        if self._gram_cache is None or self._gram_cache[0] != key:
-            with torch.no_grad():
+        with torch.no_grad():
+            fingerprint = (w.sum(dtype=torch.float64).item(), torch.linalg.vector_norm(w, dtype=torch.float64).item())
+            key = (fingerprint, tuple(w.shape), w.dtype, w.device)
+            if self._gram_cache is None or self._gram_cache[0] != key:
                 self._gram_cache = (key, centered_gram(w, self.vocab_size))
         return self._gram_cache[1]
-
-    def optimizer_stepped(self) -> None:
-        self._gram_cache = None
-
-    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), ...: the cached Gram is of the old weight
-        self._gram_cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._gram_cache = None
-        super()._load_from_state_dict(*args, **kwargs)
 
     def token_entropy(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotADistributionError(

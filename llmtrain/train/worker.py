@@ -241,7 +241,7 @@ class Worker:
             hidden = model.body(block[:, :-1]).flatten(0, 1)
             targets = block[:, 1:].flatten()
             with self._head_params():
-                logprobs, top = model.logprobs_and_topk(hidden, targets, 10)
+                logprobs, top = model.logprobs_and_topk(hidden, targets, 10)  # one pass over the scores
                 if logprobs is not None:
                     sums[0] -= logprobs.double().sum().cpu()
                 if tempered:  # perplexity above is at τ = 1, as the paper's; here the tempered one
@@ -335,10 +335,7 @@ class Worker:
             block = self.train_blocks[self.sampler.next_indices()].to(self.device)
             out = self.engine(block[:, :-1], block[:, 1:])
             self.engine.backward(out.loss)
-            stepping = self.engine.is_gradient_accumulation_boundary()  # this step() updates the weights
             self.engine.step()
-            if stepping:
-                self.engine.module.head.optimizer_stepped()  # zloss drops its Gram matrix of the old weights
             total += out.loss.detach().float().cpu()
             for key, value in out.metrics.items():
                 metrics.setdefault(key, []).append(value)
