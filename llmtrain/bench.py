@@ -240,7 +240,7 @@ class _Worker:
     other processes on a shared machine then falls on all of them alike."""
 
     def __init__(self, spec: dict, timeout: float):
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = spec.get("package_root") or str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         cmd = [sys.executable, "-m", "llmtrain.bench", "contender", json.dumps(spec)]
@@ -390,6 +390,9 @@ def heads_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     timeout: float = typer.Option(1800, min=1, help="seconds a contender may take to set up or to do one run"),
     json_path: Path = typer.Option(None, "--json", help="write the figures to this JSON file"),
+    baseline: Path = typer.Option(None, help="also run every head from the llmtrain source tree at this path (e.g. "
+                                             "`git archive` of an earlier commit), labelled NAME@baseline: before "
+                                             "and after side by side in one run"),
 ):
     """Forward + backward time and peak extra memory of each head and peer, one fresh process each."""
     import torch
@@ -413,8 +416,15 @@ def heads_command(
             "repeats": repeats, "warmup": warmup}
 
     specs = [{**base, "name": "matmul", "kind": "matmul"}] + [{**base, "name": n, "kind": "peer"} for n in peer_names]
-    specs += [{**base, "name": label, "kind": "head", "head_type": head_type, "options": options,
-               "entry": HEADS[head_type]} for label, head_type, options in head_variants]
+    if baseline is not None and not (baseline / "llmtrain" / "bench.py").is_file():
+        raise typer.BadParameter(f"{baseline} holds no llmtrain/bench.py; give the root of an llmtrain source tree",
+                                 param_hint="--baseline")
+    for label, head_type, options in head_variants:
+        head = {**base, "name": label, "kind": "head", "head_type": head_type, "options": options,
+                "entry": HEADS[head_type]}
+        if baseline is not None:
+            specs.append({**head, "name": f"{label}@baseline", "package_root": str(baseline.resolve())})
+        specs.append(head)
     measured = measure(specs, warmup, repeats, timeout, log=lambda msg: console.print(f"[dim]{msg} …[/dim]"))
     results = [{"name": spec["name"], "kind": spec["kind"], **r} for spec, r in zip(specs, measured)]
     matmul, results = results[0], results[1:]
