@@ -15,7 +15,7 @@ The contract every head keeps (tests/test_head_contract.py checks it for each re
   dtype's rounding, measured against float64); none flow into the targets, and ∇hidden is not
   computed at all when the hidden states do not require it.
 - ``token_logprobs`` is 0 at ignored positions, so a sum over positions is the sequence's
-  log-likelihood; so is ``token_entropy``.
+  log-likelihood; ``token_entropy`` is exact at every position; both are float32.
 - fp16: the heads whose backward runs through autograd take the upstream gradient as it comes,
   so they are exact under a loss scale of 65,536 (DeepSpeed's initial one); a head that computes
   its gradients before the scale is known (cce) refuses fp16 with a ValueError saying so.

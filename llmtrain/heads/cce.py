@@ -223,7 +223,8 @@ def _full_precision_pass(h, weight, bias, targets, rows, token_weight, losses, l
             if db is not None:
                 db.index_put_((tc,), onehot.neg(), accumulate=True)
             if label_smoothing:
-                _smoothing_outside_tile(spans, vocab, smooth, hc, weight, w_colsum, dh_c, dw, db, smooth_sum)
+                _smoothing_outside_tile(None if filter_eps is None else spans, smooth, hc, weight, w_colsum, dh_c, dw,
+                                        db, smooth_sum)
         if dh is not None:
             dh[start:start + m] = dh_c
     if not grads:
@@ -233,11 +234,11 @@ def _full_precision_pass(h, weight, bias, targets, rows, token_weight, losses, l
     return dh, dw, db
 
 
-def _smoothing_outside_tile(spans, vocab, smooth, hc, weight, w_colsum, dh_c, dw, db, smooth_sum):
+def _smoothing_outside_tile(spans, smooth, hc, weight, w_colsum, dh_c, dw, db, smooth_sum):
     """The label-smoothing term −smooth_n of every kept score's gradient, applied to the small
-    operands: over the whole vocabulary, dW's share is summed over all chunks and subtracted once
-    at the end (``smooth_sum``); with filtering, over the chunk's kept spans only."""
-    if spans == [(0, vocab)]:
+    operands: unfiltered (``spans`` None), over the whole vocabulary, dW's share summed over all
+    chunks and subtracted once at the end (``smooth_sum``); filtered, over the chunk's kept spans."""
+    if spans is None:
         if dh_c is not None:
             dh_c.sub_(smooth.unsqueeze(1) * w_colsum)
         smooth_sum += smooth @ hc
