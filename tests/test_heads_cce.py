@@ -414,6 +414,7 @@ def test_filter_eps_drops_every_term_of_a_skipped_block_on_every_path(monkeypatc
     t = torch.randint(0, vocab, (n,), generator=g)
     t[::5] = IGNORE_INDEX
     t[1::7] = torch.nonzero(cold).squeeze(1)[:len(t[1::7])]  # some targets in cold blocks
+    t[1:5] = torch.tensor([8, 24, 40, 56])  # the first chunk of kept tokens has a target in every block
     dt = DTYPES[dtype_name]
     h, w, b = (x.to(dt).double() for x in (h, w, b))  # the reference starts from the rounded inputs
 
@@ -433,7 +434,7 @@ def test_filter_eps_drops_every_term_of_a_skipped_block_on_every_path(monkeypatc
         for c in range(0, vocab, 8):
             if p[r:r + chunk, c:c + 8].max() < eps and not ((tk[r:r + chunk] >= c) & (tk[r:r + chunk] < c + 8)).any():
                 mask[r:r + chunk, c:c + 8] = 0
-    assert 0 < mask.mean() < 1
+    assert 0 < mask.mean() < 1 and mask[:chunk].all()  # chunks filtered and a chunk kept whole
     kept = grad_s * mask
     dh_ref = torch.zeros_like(h)
     dh_ref[keep] = kept @ w
