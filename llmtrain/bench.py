@@ -16,6 +16,7 @@ floor: 6·N·V·D flops, the three N×V×D products of a full linear + cross-ent
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -213,11 +214,8 @@ def contender_command(spec: str = typer.Argument(..., help="JSON spec from `benc
     def say(obj):
         print(RESULT_PREFIX + json.dumps(obj), flush=True)
 
-    if spec_["name"] == "apple-cce":
-        try:
-            import cut_cross_entropy  # noqa: F401
-        except ImportError:
-            return say({"status": "skipped", "note": "cut-cross-entropy is not installed"})
+    if spec_["name"] == "apple-cce" and importlib.util.find_spec("cut_cross_entropy") is None:
+        return say({"status": "skipped", "note": "cut-cross-entropy is not installed"})
     try:
         contender = _Contender(spec_)
     except Exception as e:

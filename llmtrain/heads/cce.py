@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from llmtrain.heads.base import IGNORE_INDEX, HeadOutput, check_head_inputs, check_k, dtype_bytes, weight_available
+from llmtrain.heads.base import IGNORE_INDEX, HeadOutput, check_head_inputs, dtype_bytes, weight_available
 from llmtrain.heads.softmax import SoftmaxHead, SoftmaxOptions
 from llmtrain.heads.temperature import dro_shift, tau_metrics
 
