@@ -445,11 +445,11 @@ def test_filter_eps_drops_every_term_of_a_skipped_block_on_every_path(monkeypatc
     loss = linear_cross_entropy(params[0], params[1], t, bias=params[2], reduction="sum", chunk_size=chunk,
                                 filter_eps=eps, label_smoothing=smoothing, z_loss=z, softcap=softcap)
     loss.backward()
-    tol = {"fp32": 1e-5, "bf16": 2e-2}[dtype_name]
+    tol = {"fp32": 1e-5, "bf16": 6e-3}[dtype_name]  # bf16 measured 3–4e-3
     exact_loss = ((1 - smoothing) * (lse - s[torch.arange(len(tk)), tk]) + smoothing * (lse - s.mean(1))
                   + z * lse.square()).sum()
     assert loss.double().item() == pytest.approx(exact_loss.item(), rel=tol)
     for name, ours, ref, full in zip(["∇h", "∇W", "∇b"], [x.grad for x in params], truth, unfiltered):
         err = ((ours.double() - ref).norm() / ref.norm()).item()
         assert err < tol, f"{name}: relative error {err:.3g}"
-        assert ((full - ref).norm() / ref.norm()).item() > 10 * tol  # the skipped blocks mattered
+        assert ((full - ref).norm() / ref.norm()).item() > 3 * tol  # the skipped blocks mattered (2–11%)

@@ -374,9 +374,9 @@ def test_first_layer_reads_the_weight_in_chunks_without_a_whole_cast_copy(monkey
     factored = head.temperature(hidden=hidden, weight=head.weight, bias=head.bias)
     grads = torch.autograd.grad(factored.sum(), list(head.temperature.parameters()))
     direct = reference_tau(head, hidden)
-    torch.testing.assert_close(factored, direct, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(factored, direct, rtol=1e-6, atol=1e-8)  # ‖o‖² is taken in fp32
     for got, want in zip(grads, torch.autograd.grad(direct.sum(), list(head.temperature.parameters()))):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
 
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -160,4 +160,3 @@ class SoftmaxHead(Head):
         loss_phase = 4 * fp32_buffers * n_logits
         linear_phase = b * n_logits + n_tokens * hidden_size * b + grads
         return max(loss_phase, linear_phase) - grads
-

@@ -60,8 +60,15 @@ def centered_gram(weight: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, 
     for chunk in rows.split(VOCAB_CHUNK):
         mean += chunk.sum(0, dtype=torch.float32)
     mean /= vocab_size
-    gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
+    # The rounded mean leaves each centred row off by the same small vector; one more pass adds
+    # back the centred rows' own mean, so that they sum to zero to second order (equal rows then
+    # centre to exact zeros, and σ = 0 is seen as such).
     centred = _chunk_buffer(weight, vocab_size)
+    residual = torch.zeros_like(mean)
+    for chunk in rows.split(VOCAB_CHUNK):
+        residual += torch.sub(chunk, mean, out=centred[:chunk.shape[0]]).sum(0)
+    mean += residual / vocab_size
+    gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
     for chunk in rows.split(VOCAB_CHUNK):
         block = torch.sub(chunk, mean, out=centred[:chunk.shape[0]])
         gram.addmm_(block.T, block)
