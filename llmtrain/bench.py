@@ -244,8 +244,10 @@ class _Worker:
         cmd = [sys.executable, "-m", "llmtrain.bench", "contender", json.dumps(spec)]
         self.timeout = timeout
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: chatty workers never block
+        # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH; started
+        # anywhere else, a --baseline worker would import whichever llmtrain sits there
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, env=env)
+                                     text=True, env=env, cwd=package_root)
         self.result = {"status": "ok", "times_s": []}
         self._answer(expect="ready")
 
