@@ -256,15 +256,17 @@ class ZLossHead(Head):
     def _statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, Q) of the weight, computed once per weight state (its V·D² work is the head's
         largest): micro-steps of one accumulation, evaluation and every sampling call between two
-        optimizer steps share it. The key is a fingerprint of the values, Σw and ‖w‖ in float64
-        (2·V·D reads, 2/D of the Gram's work), not autograd's version counter: DeepSpeed writes
+        optimizer steps share it. The key is a fingerprint of the values, Σw and ‖w‖ of each chunk
+        of rows (2·V·D reads, 2/D of the Gram's work), not autograd's version counter: DeepSpeed writes
         updated weights through ``.data``, which the counter does not see, and ZeRO-3 gathers a
         new tensor for every forward. An update leaving both unchanged to the last bit would
         have to be built for it; row permutations leave (m, Q) unchanged anyway."""
         w = self.weight
         with torch.no_grad():
-            fingerprint = (w.sum(dtype=torch.float64).item(), torch.linalg.vector_norm(w, dtype=torch.float64).item())
-            key = (fingerprint, tuple(w.shape), w.dtype, w.device)
+            # per VOCAB_CHUNK rows in the weight's dtype: a float64 reduction of the whole weight
+            # would first copy it to float64 (V·D·8 bytes)
+            fingerprint = [(float(c.sum()), float(torch.linalg.vector_norm(c))) for c in w.split(VOCAB_CHUNK)]
+            key = (tuple(fingerprint), tuple(w.shape), w.dtype, w.device)
             if self._gram_cache is None or self._gram_cache[0] != key:
                 self._gram_cache = (key, centered_gram(w, self.vocab_size))
         return self._gram_cache[1]
