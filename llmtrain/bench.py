@@ -241,14 +241,16 @@ class _Worker:
     other processes on a shared machine then falls on all of them alike."""
 
     def __init__(self, spec: dict, timeout: float):
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = spec.get("package_root") or str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         cmd = [sys.executable, "-m", "llmtrain.bench", "contender", json.dumps(spec)]
         self.timeout = timeout
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: chatty workers never block
+        # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH; started
+        # anywhere else, a --baseline worker would import whichever llmtrain sits there
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, env=env)
+                                     text=True, env=env, cwd=package_root)
         self.result = {"status": "ok", "times_s": []}
         self._answer(expect="ready")
 
@@ -381,6 +383,9 @@ def heads_command(
     timeout: float = typer.Option(1800, min=1, help="seconds a contender may take to set up or to do one run"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the figures to this JSON file ('-': to "
                                              "stdout, the table then goes to stderr)"),
+    baseline: Optional[Path] = typer.Option(None, help="also run every head from the llmtrain source tree at this path "
+                                            "(e.g. `git archive` of an earlier commit), labelled NAME@baseline: before "
+                                            "and after side by side in one run"),
 ):
     """Forward + backward time and peak extra memory of each head and peer, one fresh process each.
 
@@ -411,8 +416,14 @@ def heads_command(
             "repeats": repeats, "warmup": warmup}
 
     specs = [{**base, "name": "matmul", "kind": "matmul"}] + [{**base, "name": n, "kind": "peer"} for n in peer_names]
-    specs += [{**base, "name": label, "kind": "head", "head_type": head_type, "options": options,
-               "entry": HEADS[head_type]} for label, head_type, options in head_variants]
+    if baseline is not None and not (baseline / "llmtrain" / "bench.py").is_file():
+        raise UserError(f"--baseline {baseline}: holds no llmtrain/bench.py; give the root of an llmtrain source tree")
+    for label, head_type, options in head_variants:
+        head = {**base, "name": label, "kind": "head", "head_type": head_type, "options": options,
+                "entry": HEADS[head_type]}
+        if baseline is not None:
+            specs.append({**head, "name": f"{label}@baseline", "package_root": str(baseline.resolve())})
+        specs.append(head)
     measured = measure(specs, warmup, repeats, timeout, log=lambda msg: console.print(Text(f"{msg} …", "dim")))
     results = [{"name": spec["name"], "kind": spec["kind"], **r} for spec, r in zip(specs, measured)]
     matmul, results = results[0], results[1:]

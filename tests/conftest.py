@@ -82,13 +82,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_head_distributed(spec: dict, stage: int, steps: int = 6, ranks: int = 2, tie: bool = False) -> list[float]:
+def run_head_distributed(spec: dict, stage: int, steps: int = 6, ranks: int = 2, tie: bool = False,
+                         bf16: bool = False) -> list[float]:
     """Per-step mean losses of a tiny model with `spec`'s head, trained under DeepSpeed ZeRO
-    `stage` with `ranks` real ranks (torchrun, gloo on CPU)."""
+    `stage` with `ranks` real ranks (torchrun, gloo on CPU), in fp32 or DeepSpeed's bf16 mode."""
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
            f"--master_port={port}", str(TESTS / "distributed_head_run.py"),
-           json.dumps(spec), str(stage), str(steps)] + (["tie"] if tie else [])
+           json.dumps(spec), str(stage), str(steps)] + (["tie"] if tie else []) + (["bf16"] if bf16 else [])
     env = {**checkout_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if proc.returncode != 0:

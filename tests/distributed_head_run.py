@@ -1,7 +1,7 @@
 """Train a tiny embedding → head model for a few steps under real DeepSpeed ranks and print the
 per-step losses as JSON. Run by tests through torchrun; one process per rank (gloo on CPU).
 
-usage: torchrun --nproc_per_node 2 tests/distributed_head_run.py '<head spec JSON>' STAGE STEPS [TIE]
+usage: torchrun --nproc_per_node 2 tests/distributed_head_run.py '<head spec JSON>' STAGE STEPS [tie] [bf16]
 """
 
 import json
@@ -38,7 +38,7 @@ class TinyLM(nn.Module):
 
 def main():
     spec, stage, steps = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    tie = len(sys.argv) > 4 and sys.argv[4] == "tie"
+    tie, bf16 = "tie" in sys.argv[4:], "bf16" in sys.argv[4:]
     torch.manual_seed(0)
     model = TinyLM(spec, tie)
     config = {
@@ -49,6 +49,7 @@ def main():
         # parameters under 1e5 elements whole, which would leave this tiny head unpartitioned)
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "gradient_clipping": 1.0,
+        "bf16": {"enabled": bf16},  # the module in bf16, fp32 master weights
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     unlink_deepspeed_shm()

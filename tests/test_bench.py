@@ -53,3 +53,28 @@ def test_adaptive_cutoffs_start_at_sqrt_vocab_and_stay_inside():
         cuts = adaptive_cutoffs(vocab)
         assert cuts[0] ** 2 >= vocab > (cuts[0] - 1) ** 2
         assert cuts == sorted(cuts) and cuts[-1] < vocab
+
+
+def test_bench_baseline_runs_each_head_from_another_source_tree(tmp_path):
+    """--baseline: the same head from an earlier source tree, side by side. The baseline tree
+    here is a copy of this one whose softmax head refuses to run, so the row must come from it."""
+    import shutil
+
+    from pathlib import Path
+
+    import llmtrain
+
+    root = tmp_path / "before"
+    shutil.copytree(Path(llmtrain.__file__).parent, root / "llmtrain")
+    softmax = root / "llmtrain" / "heads" / "softmax.py"
+    softmax.write_text(softmax.read_text().replace("        check_head_inputs(hidden, targets, self.hidden_size)\n        logits",
+                                                   "        raise RuntimeError('baseline tree')\n        logits", 1))
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["heads", *TINY, "--heads", "softmax", "--peers", "", "--baseline", str(root),
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    by_name = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert by_name["softmax"]["status"] == "ok"
+    assert by_name["softmax@baseline"]["status"] == "failed" and "baseline tree" in by_name["softmax@baseline"]["note"]
+    result = CliRunner().invoke(app, ["heads", *TINY, "--baseline", str(tmp_path / "nowhere")])
+    assert result.exit_code != 0 and "--baseline" in result.output

@@ -359,3 +359,40 @@ def test_init_from_refuses_a_checkpoint_of_another_model(tmp_path):
     with pytest.raises(UserError, match="layers=3 where the recipe has 4") as e:
         resolve_init_from(other, "other-hash")
     assert "another tokenizer" in str(e.value)
+
+
+def test_first_layer_reads_the_weight_in_chunks_without_a_whole_cast_copy(monkeypatch):
+    """The factored first layer goes over the head's weight VOCAB_CHUNK rows at a time: τ and the
+    network's gradients equal the direct computation from the scores (float64, several chunks,
+    one partial), and with a bf16 weight under an fp32 network no fp32 tensor as large as the
+    weight appears (autograd used to keep a whole fp32 copy for the backward)."""
+    from llmtrain.heads import temperature as tn
+
+    monkeypatch.setattr(tn, "VOCAB_CHUNK", 16)  # 97 rows: six full chunks and a partial one
+    head = make_head(SPECS["softmax_bias"])
+    hidden, _ = batch()
+    factored = head.temperature(hidden=hidden, weight=head.weight, bias=head.bias)
+    grads = torch.autograd.grad(factored.sum(), list(head.temperature.parameters()))
+    direct = reference_tau(head, hidden)
+    torch.testing.assert_close(factored, direct, rtol=1e-6, atol=1e-8)  # ‖o‖² is taken in fp32
+    for got, want in zip(grads, torch.autograd.grad(direct.sum(), list(head.temperature.parameters()))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestFloat32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+                    self.largest = max(self.largest, x.numel())
+            return out
+
+    vocab, dim = 400, 24
+    net = TemperatureNet(vocab, width=8)
+    weight = torch.randn(vocab, dim).bfloat16()
+    with LargestFloat32() as mode:
+        net(hidden=torch.randn(5, dim).bfloat16(), weight=weight).sum().backward()
+    assert mode.largest < vocab * dim / 2, mode.largest  # the largest: the network's own 8 × V weight

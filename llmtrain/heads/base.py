@@ -3,11 +3,29 @@
 A head owns its output weights and decides how (or whether) to form scores. Every method takes
 hidden states ``[N, D]`` (the body's output, flattened over batch and time) and, where a target is
 involved, int64 targets ``[N]`` with ``IGNORE_INDEX`` marking tokens that do not count.
+
+The contract every head keeps (tests/test_head_contract.py checks it for each registered head):
+
+- ``forward(hidden, targets).loss`` is the mean over non-ignored tokens of the head's per-token
+  loss (the head's own functional form offers "sum" and "none" too: "sum" the plain sum, "none"
+  the per-token losses [N] with 0 at ignored tokens). A batch whose targets are all ignored (a
+  fine-tuning batch of prompt tokens only, or one data-parallel rank's share of one) gives loss 0
+  and zero gradients, never NaN.
+- Gradients reach the hidden states and the head's own parameters only, each exactly (within its
+  dtype's rounding, measured against float64); none flow into the targets, and ∇hidden is not
+  computed at all when the hidden states do not require it.
+- ``token_logprobs`` is 0 at ignored positions, so a sum over positions is the sequence's
+  log-likelihood; ``token_entropy`` is exact at every position; both are float32.
+- fp16: the heads whose backward runs through autograd take the upstream gradient as it comes,
+  so they are exact under a loss scale of 65,536 (DeepSpeed's initial one); a head that computes
+  its gradients before the scale is known (cce) refuses fp16 with a ValueError saying so.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import sys
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -80,6 +98,17 @@ class Head(nn.Module, abc.ABC):
     @abc.abstractmethod
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         """[N, k] int64 token ids, best first, exact over the whole vocabulary."""
+
+    def token_entropy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N] float32 entropy (nats) of the head's distribution at each position, exact, for
+        reinforcement learning beside ``token_logprobs``. Heads that are not distributions raise."""
+        raise NotImplementedError(f"the {self.name} head does not compute token entropies")
+
+    def logprobs_and_topk(self, hidden: torch.Tensor, targets: torch.Tensor, k: int):
+        """(``token_logprobs`` or None where the head is not a distribution, ``topk``) for
+        evaluation; heads override it to form their scores once for both."""
+        logprobs = self.token_logprobs(hidden, targets) if self.is_distribution else None
+        return logprobs, self.topk(hidden, k)
 
     @abc.abstractmethod
     def sample(
@@ -154,3 +183,25 @@ def check_k(k: int, vocab_size: int) -> None:
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def entropy_of_scores(scores: torch.Tensor) -> torch.Tensor:
+    """[n] float32 entropy of softmax over the rows of ``scores`` [n, V] (overwritten): with
+    x = s − max and Z = Σ exp(x), H = log Z − Σ exp(x)·x / Z; shifting first keeps a large common
+    score from cancelling, the sums are float64."""
+    x = scores.sub_(scores.amax(1, keepdim=True))
+    e = x.exp()
+    total = e.sum(1, dtype=torch.float64)
+    return (total.log() - e.mul_(x).sum(1, dtype=torch.float64) / total).float()
+
+
+@contextlib.contextmanager
+def weight_available(weight: torch.Tensor):
+    """Under ZeRO-3 a partitioned parameter outside its module's forward holds a 0-element
+    stand-in; gather it for the duration. Heads import no DeepSpeed: a parameter with a ds_id was
+    made by DeepSpeed, which is therefore loaded, and its gathering context is taken from there."""
+    if weight.numel() == 0 and hasattr(weight, "ds_id"):
+        with sys.modules["deepspeed"].zero.GatheredParameters([weight]):
+            yield
+    else:
+        yield

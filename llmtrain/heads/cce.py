@@ -5,32 +5,39 @@ of the chunk's tokens) is formed by one matmul and turned in place into exp(s �
 the log-sum-exp and the loss and — when gradients are wanted and the loss is reduced to a scalar —
 feeds the two gradient matmuls right away (Liger Kernel's order: the gradients are final during
 the forward because the loss ends the graph; backward only scales them by the upstream scalar).
-So each of the three N·V·D products is done once and extra memory is one tile. In bf16/fp16 the
-weight gradient must be summed over chunks in fp32: rather than keep a V × D fp32 accumulator
-(twice the 16-bit gradient), a second pass goes over the vocabulary in blocks with the
-log-sum-exps known, recomputing the scores (Apple's CCE order), and sums each block of dW over
-all tokens in fp32. Either way the backward needs neither the weight nor the inputs — which is
-also what makes it correct under ZeRO-3, where the weight is gathered only around the head's
-forward. ``reduction="none"`` cannot fold an arbitrary per-token upstream gradient into
-gradients computed earlier, so it keeps the inputs and recomputes in backward (gathering a ZeRO-3
-weight there if it is partitioned).
+So each of the three N·V·D products is done once and extra memory is one tile. In bf16 the same
+one pass runs over token-major 16-bit tiles (eager's logits, a chunk at a time): each block of
+rows goes through fp32 once (max, exp, sum, then the exact gradient row written back over the
+scores), and the weight gradient is summed over chunks in a V × D fp32 accumulator, within
+FP32_ACCUMULATOR_BUDGET; past it, a second pass goes over the vocabulary in blocks with the
+log-sum-exps known, recomputing the scores (Apple's CCE order: a fourth product), and sums each
+block of dW over all tokens in fp32. fp16 is refused: the gradients exist before the loss
+scale that fp16 training multiplies them by. Either way the backward needs neither the weight
+nor the inputs — which is also what makes it correct under ZeRO-3, where the weight is gathered
+only around the head's forward. ``reduction="none"`` cannot fold an arbitrary per-token upstream
+gradient into gradients computed earlier, so it keeps the inputs and recomputes in backward
+(gathering a ZeRO-3 weight there if it is partitioned).
 
 The gradient of one token's loss with respect to its (soft-capped) scores s, before the softcap's
 derivative 1 − tanh²: w·[(1 + 2·z_loss·lse)·p − (1 − ε)·onehot(target) − ε/V], w the token's
-upstream weight. Without softcap the row scale and the two constant terms are applied to the
-small [chunk, D] operands instead of the [chunk, V] tile.
+upstream weight. Without softcap, in fp32, the row scale and the two constant terms are applied
+to the small [chunk, D] operands instead of the [chunk, V] tile (in 16 bits the one-hot must be
+subtracted before rounding: p − 1 near p = 1 would cancel).
+
+``filter_eps`` (opt-in, inexact; Apple's gradient filtering) means the same on every path: for
+each chunk of kept tokens and each FILTER_BLOCK-wide block of the vocabulary whose probabilities
+are all below eps and which holds none of the chunk's targets, the block's whole share of the
+gradients — probability, z-loss, label-smoothing and softcap terms, and the bias's — is left out.
+The loss is exact.
 """
 
 from __future__ import annotations
-
-import contextlib
-import sys
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from llmtrain.heads.base import IGNORE_INDEX, HeadOutput, check_head_inputs, check_k, dtype_bytes
+from llmtrain.heads.base import IGNORE_INDEX, HeadOutput, check_head_inputs, dtype_bytes, weight_available
 from llmtrain.heads.softmax import SoftmaxHead, SoftmaxOptions
 from llmtrain.heads.temperature import dro_shift, tau_metrics
 
@@ -43,6 +50,10 @@ MIN_CHUNK = 16
 ROW_BLOCK_BYTES = 16 * 2**20
 # 16-bit gradients: vocabulary rows per block of dW summed over all tokens in fp32.
 ACCUMULATE_BLOCK = 8192
+# 16-bit inputs: the largest V × D fp32 dW accumulator the one-pass order may hold (three N·V·D
+# products); above it, a second pass recomputes the scores instead (four products, one block).
+# 512 MiB: V·D up to 2**27, e.g. 151,936 × 768 or 65,536 × 2,048.
+FP32_ACCUMULATOR_BUDGET = 512 * 2**20
 # Vocabulary block that gradient filtering (filter_eps) keeps or skips as a whole.
 FILTER_BLOCK = 1024
 REDUCTIONS = ("mean", "sum", "none")
@@ -114,19 +125,31 @@ def _chunked_loss_and_grads(h, weight, bias, targets, *, chunk_size, token_weigh
     """Per-token losses [n] (fp32) and log-sum-exps [n] of kept tokens ``h`` [n, D], ``targets`` [n].
 
     With ``token_weight`` [n] (d total / d loss_n) also the gradients (dh, dW, db) of
-    Σ token_weight·loss, in the dtypes of h, weight and bias (None where not needed)."""
+    Σ token_weight·loss, in the dtypes of h, weight and bias (None where not needed: ``need``
+    says which of the three are wanted)."""
     n = h.shape[0]
     out = (torch.empty(n, dtype=torch.float32, device=h.device), torch.empty(n, dtype=torch.float32, device=h.device))
-    pass_ = _low_precision_pass if _low_precision(h.dtype) else _full_precision_pass
-    grads = pass_(h, weight, bias, targets, max(1, min(n, chunk_size)), token_weight, *out, **kw)
-    if grads is not None:  # 16-bit: cast the fp32 dh now that the pass's tiles are freed
-        dh, dw, db = grads
-        grads = (dh.to(h.dtype), dw, db)
+    rows = max(1, min(n, chunk_size))
+    if not _low_precision(h.dtype):
+        pass_ = _full_precision_pass
+    elif kw["need"][1] and fp32_accumulator_fits(*weight.shape):
+        pass_ = _low_precision_one_pass
+    else:
+        pass_ = _low_precision_two_passes
+    grads = pass_(h, weight, bias, targets, rows, token_weight, *out, **kw)
+    if grads is not None and grads[0] is not None:  # 16-bit: cast an fp32 dh once the pass's tiles are freed
+        grads = (grads[0].to(h.dtype), *grads[1:])
     return (*out, grads)
 
 
+def fp32_accumulator_fits(vocab: int, dim: int) -> bool:
+    """Whether a 16-bit pass may sum dW in a V × D fp32 buffer (three N·V·D products) rather than
+    in blocks over a second pass that recomputes the scores (four)."""
+    return 4 * vocab * dim <= FP32_ACCUMULATOR_BUDGET
+
+
 def _full_precision_pass(h, weight, bias, targets, rows, token_weight, losses, lses, *, softcap, label_smoothing,
-                         z_loss, filter_eps, need_weight_grad=True, need_bias_grad=True):
+                         z_loss, filter_eps, need=(True, True, True)):
     """fp32/fp64: vocabulary-major [V, chunk] tiles, because W @ hᵀ runs faster than h @ Wᵀ on CPU
     BLAS; the one-hot and label-smoothing terms of the gradient are applied to the small operands
     instead of the tile."""
@@ -135,13 +158,13 @@ def _full_precision_pass(h, weight, bias, targets, rows, token_weight, losses, l
     tanh_buf = torch.empty(vocab * rows, dtype=dtype, device=dev) if softcap else None
     grads = token_weight is not None
     if grads:
-        dh = torch.empty_like(h)
+        dh = torch.empty_like(h) if need[0] else None
         # unfiltered, the first chunk's product initializes dW: no zero-fill pass over V × D
         first_chunk_sets_dw = filter_eps is None and len(h) > 0
-        dw = (torch.empty_like if first_chunk_sets_dw else torch.zeros_like)(weight) if need_weight_grad else None
-        db = torch.zeros_like(bias) if bias is not None and need_bias_grad else None
+        dw = (torch.empty_like if first_chunk_sets_dw else torch.zeros_like)(weight) if need[1] else None
+        db = torch.zeros_like(bias) if bias is not None and need[2] else None
         smooth_sum = torch.zeros(h.shape[1], dtype=dtype, device=dev)  # Σ_n smooth_n·h_n
-        w_colsum = weight.sum(0) if label_smoothing else None
+        w_colsum = weight.sum(0) if label_smoothing and need[0] else None
     for start in range(0, h.shape[0], rows):
         hc, tc = h[start:start + rows], targets[start:start + rows]
         m, idx = hc.shape[0], tc.unsqueeze(0)
@@ -181,10 +204,11 @@ def _full_precision_pass(h, weight, bias, targets, rows, token_weight, losses, l
             tile.mul_(deriv).scatter_add_(0, idx, -(onehot * deriv.gather(0, idx).squeeze(0)).unsqueeze(0))
             row = None
         scaled_h = hc if row is None else row.unsqueeze(1) * hc
-        dh_c = torch.zeros_like(hc)
+        dh_c = torch.zeros_like(hc) if dh is not None else None
         for lo, hi in spans:
             part = tile[lo:hi]
-            dh_c.addmm_(part.T, weight[lo:hi])
+            if dh_c is not None:
+                dh_c.addmm_(part.T, weight[lo:hi])
             if dw is not None and start == 0 and first_chunk_sets_dw:
                 torch.mm(part, scaled_h, out=dw[lo:hi])
             elif dw is not None:
@@ -192,71 +216,166 @@ def _full_precision_pass(h, weight, bias, targets, rows, token_weight, losses, l
             if db is not None:
                 db[lo:hi] += part @ (torch.ones_like(lse, dtype=dtype) if row is None else row)
         if row is not None:  # the row scale, one-hot and smoothing terms, outside the tile
-            dh_c.mul_(row.unsqueeze(1)).sub_(onehot.unsqueeze(1) * weight[tc])
-            if label_smoothing:
-                dh_c.sub_(smooth.unsqueeze(1) * w_colsum)
-                smooth_sum += smooth @ hc
+            if dh_c is not None:
+                dh_c.mul_(row.unsqueeze(1)).sub_(onehot.unsqueeze(1) * weight[tc])
             if dw is not None:
                 dw.index_put_((tc,), (onehot.unsqueeze(1) * hc).neg_(), accumulate=True)
             if db is not None:
                 db.index_put_((tc,), onehot.neg(), accumulate=True)
-                db.sub_(smooth.sum())
-        dh[start:start + m] = dh_c
+            if label_smoothing:
+                _smoothing_outside_tile(None if filter_eps is None else spans, smooth, hc, weight, w_colsum, dh_c, dw,
+                                        db, smooth_sum)
+        if dh is not None:
+            dh[start:start + m] = dh_c
     if not grads:
         return None
-    if dw is not None and label_smoothing and not softcap:
+    if dw is not None and label_smoothing and not softcap and filter_eps is None:
         dw.sub_(smooth_sum)
     return dh, dw, db
 
 
-def _low_precision_pass(h, weight, bias, targets, rows, token_weight, losses, lses, *, softcap, label_smoothing,
-                        z_loss, filter_eps, need_weight_grad=True, need_bias_grad=True):
-    """bf16/fp16 in two passes, as Apple's CCE kernels: the losses and log-sum-exps first, then,
-    with the log-sum-exps known, the gradients one vocabulary block at a time. Going over the
-    vocabulary in the outer loop lets each block of dW be summed over all tokens in fp32 and cast
-    once, so the fp32 accumulation costs one block, not a V × D buffer beside the 16-bit gradient
-    (which would double the gradient's memory); the price is a fourth N·V·D product, recomputing
-    the scores."""
-    _low_precision_losses(h, weight, bias, targets, rows, losses, lses, softcap=softcap,
-                          label_smoothing=label_smoothing, z_loss=z_loss)
-    if token_weight is None:
-        return None
-    return _low_precision_grads(h, weight, bias, targets, rows, token_weight, lses, softcap=softcap,
-                                label_smoothing=label_smoothing, z_loss=z_loss, filter_eps=filter_eps,
-                                need_weight_grad=need_weight_grad, need_bias_grad=need_bias_grad)
+def _smoothing_outside_tile(spans, smooth, hc, weight, w_colsum, dh_c, dw, db, smooth_sum):
+    """The label-smoothing term −smooth_n of every kept score's gradient, applied to the small
+    operands: unfiltered (``spans`` None), over the whole vocabulary, dW's share summed over all
+    chunks and subtracted once at the end (``smooth_sum``); filtered, over the chunk's kept spans."""
+    if spans is None:
+        if dh_c is not None:
+            dh_c.sub_(smooth.unsqueeze(1) * w_colsum)
+        smooth_sum += smooth @ hc
+        if db is not None:
+            db.sub_(smooth.sum())
+        return
+    chunk_sum = smooth @ hc
+    colsum = 0
+    for lo, hi in spans:
+        if dh_c is not None:
+            colsum = colsum + weight[lo:hi].sum(0)
+        if dw is not None:
+            dw[lo:hi] -= chunk_sum
+        if db is not None:
+            db[lo:hi] -= smooth.sum()
+    if dh_c is not None and spans:
+        dh_c.sub_(smooth.unsqueeze(1) * colsum)
 
 
-def _low_precision_losses(h, weight, bias, targets, rows, losses, lses, *, softcap, label_smoothing, z_loss):
-    """Pass 1: a token-major [chunk, V] tile in the input dtype, as eager's logits; the
-    log-softmax in fp32 over a cache-sized block of rows at a time."""
+def _low_precision_one_pass(h, weight, bias, targets, rows, token_weight, losses, lses, *, softcap, label_smoothing,
+                            z_loss, filter_eps, need=(True, True, True)):
+    """bf16 in one pass over token chunks, three N·V·D products in all (as eager and Liger):
+    the chunk's [chunk, V] scores in the input dtype (as eager's logits), turned block of rows by
+    block of rows into exact fp32 gradient rows (row·exp(s − lse) − smooth − onehot, times
+    1 − tanh² under softcap; one max, one exp and one sum pass, then one fused update) and written
+    back into the same 16-bit tile, which is the operand of the two gradient matmuls. dW is summed
+    over chunks in a V × D fp32 accumulator (when FP32_ACCUMULATOR_BUDGET allows it)."""
     vocab, dtype, dev = weight.shape[0], h.dtype, h.device
+    f32 = {"dtype": torch.float32, "device": dev}
     tile_buf = torch.empty(rows * vocab, dtype=dtype, device=dev)
     block_rows = max(1, min(rows, ROW_BLOCK_BYTES // (4 * vocab)))
-    work_buf = torch.empty(block_rows * vocab, dtype=torch.float32, device=dev)
-    tanh_buf = torch.empty(block_rows * vocab, dtype=torch.float32, device=dev) if softcap else None
+    work_buf = torch.empty(block_rows * vocab, **f32)
+    tanh_buf = torch.empty(block_rows * vocab, **f32) if softcap else None
+    grads = token_weight is not None
+    if grads:
+        dh = torch.empty_like(h) if need[0] else None
+        dw_acc = torch.zeros(weight.shape, **f32) if need[1] else None
+        db_acc = torch.zeros(vocab, **f32) if bias is not None and need[2] else None
+        db_chunk = torch.empty(vocab, **f32) if db_acc is not None else None
+        block = min(vocab, ACCUMULATE_BLOCK)
+        product_buf = torch.empty(block, h.shape[1], dtype=dtype, device=dev) if dw_acc is not None else None
+        n_blocks = -(-vocab // FILTER_BLOCK)
+        block_max = torch.empty(n_blocks, **f32) if filter_eps is not None else None
     for start in range(0, h.shape[0], rows):
         hc, tc = h[start:start + rows], targets[start:start + rows]
-        tile = _buffer_view(tile_buf, hc.shape[0], vocab)
+        m = hc.shape[0]
+        tile = _buffer_view(tile_buf, m, vocab)
         if bias is None:
             torch.mm(hc, weight.T, out=tile)
         else:
             torch.addmm(bias, hc, weight.T, out=tile)
-        for r in range(0, hc.shape[0], block_rows):
-            q = min(block_rows, hc.shape[0] - r)
+        if grads:
+            if db_chunk is not None:
+                db_chunk.zero_()
+            if block_max is not None:
+                block_max.zero_()
+        for r in range(0, m, block_rows):
+            q = min(block_rows, m - r)
             f = _buffer_view(work_buf, q, vocab).copy_(tile[r:r + q])
             idx = tc[r:r + q].unsqueeze(1)
             if softcap:
                 _softcap_(f, _buffer_view(tanh_buf, q, vocab), softcap)
             s_target = f.gather(1, idx).squeeze(1).double()
             s_mean = f.sum(1, dtype=torch.float64) / vocab if label_smoothing else None
-            torch.log_softmax(f, 1, out=f)
-            lse = s_target - f.gather(1, idx).squeeze(1).double()
-            loss = _token_loss(s_target, lse, s_mean, label_smoothing, z_loss)
-            losses[start + r:start + r + q], lses[start + r:start + r + q] = loss, lse
+            peak = f.amax(1)
+            f.sub_(peak.unsqueeze(1)).exp_()
+            total = f.sum(1, dtype=torch.float64)
+            lse = peak.double() + total.log()
+            rows_out = slice(start + r, start + r + q)
+            losses[rows_out] = _token_loss(s_target, lse, s_mean, label_smoothing, z_loss)
+            lses[rows_out] = lse
+            if not grads:
+                continue
+            row, onehot, smooth = _grad_scales(token_weight[rows_out], lse, label_smoothing, z_loss, vocab,
+                                               torch.float64)
+            if block_max is not None:  # the largest probability of each FILTER_BLOCK, over the chunk
+                peaks = F.pad(f, (0, n_blocks * FILTER_BLOCK - vocab)).view(q, n_blocks, FILTER_BLOCK).amax(2)
+                torch.maximum(block_max, (peaks / total.float().unsqueeze(1)).amax(0), out=block_max)
+            f.mul_((row / total).float().unsqueeze(1))  # row · p
+            if label_smoothing:
+                f.sub_(smooth.float().unsqueeze(1))
+            f.scatter_add_(1, idx, -onehot.float().unsqueeze(1))
+            if softcap:
+                f.mul_(_buffer_view(tanh_buf, q, vocab).square_().neg_().add_(1))
+            if db_chunk is not None:
+                db_chunk += f.sum(0)
+            tile[r:r + q].copy_(f)  # the 16-bit operand of the gradient matmuls
+        if not grads:
+            continue
+        spans = [(0, vocab)]
+        if block_max is not None:
+            spans = _kept_spans(block_max.tolist(), set((tc // FILTER_BLOCK).tolist()), filter_eps, vocab)
+        if dh is not None:
+            if spans == [(0, vocab)]:
+                torch.mm(tile, weight, out=dh[start:start + m])
+            else:
+                dh_c = torch.zeros(m, h.shape[1], **f32)
+                for lo, hi in spans:
+                    dh_c += tile[:, lo:hi] @ weight[lo:hi]
+                dh[start:start + m] = dh_c
+        for lo, hi in spans:
+            if db_acc is not None:
+                db_acc[lo:hi] += db_chunk[lo:hi]
+            if dw_acc is not None:  # 16-bit products of ACCUMULATE_BLOCK rows, each added to fp32
+                for a in range(lo, hi, block):
+                    b = min(a + block, hi)
+                    dw_acc[a:b] += torch.mm(tile[:, a:b].T, hc, out=product_buf[:b - a])
+    if not grads:
+        return None
+    dw = None
+    if dw_acc is not None:  # cast block by block into the 16-bit gradient
+        dw = torch.empty_like(weight)
+        for a in range(0, vocab, block):
+            dw[a:a + block] = dw_acc[a:a + block]
+        del dw_acc
+    db = None if db_acc is None else db_acc.to(bias.dtype)
+    return dh, dw, db
+
+
+def _low_precision_two_passes(h, weight, bias, targets, rows, token_weight, losses, lses, *, softcap,
+                              label_smoothing, z_loss, filter_eps, need=(True, True, True)):
+    """bf16 where a V × D fp32 accumulator would exceed FP32_ACCUMULATOR_BUDGET: two passes, as
+    Apple's CCE kernels: the losses and log-sum-exps first (the one-pass function without
+    gradients), then, with the log-sum-exps known, the gradients one vocabulary block at a time.
+    Going over the vocabulary in the outer loop lets each block of dW be summed over all tokens in
+    fp32 and cast once, so the fp32 accumulation costs one block; the price is a fourth N·V·D
+    product, recomputing the scores."""
+    _low_precision_one_pass(h, weight, bias, targets, rows, None, losses, lses, softcap=softcap,
+                            label_smoothing=label_smoothing, z_loss=z_loss, filter_eps=None)
+    if token_weight is None:
+        return None
+    return _low_precision_grads(h, weight, bias, targets, rows, token_weight, lses, softcap=softcap,
+                                label_smoothing=label_smoothing, z_loss=z_loss, filter_eps=filter_eps, need=need)
 
 
 def _low_precision_grads(h, weight, bias, targets, rows, token_weight, lses, *, softcap, label_smoothing, z_loss,
-                         filter_eps, need_weight_grad, need_bias_grad):
+                         filter_eps, need):
     """Pass 2: for each block of ACCUMULATE_BLOCK vocabulary rows and each chunk of ``rows`` tokens, the
     scores are recomputed (16-bit matmul), turned into exact gradient rows in fp32
     (row·exp(s − lse) − smooth − onehot, times 1 − tanh² under softcap) and cast to 16 bits
@@ -270,10 +389,10 @@ def _low_precision_grads(h, weight, bias, targets, rows, token_weight, lses, *, 
     s_buf = torch.empty(rows * block, dtype=dtype, device=dev)
     g_buf = torch.empty(rows * block, **f32)
     tanh_buf = torch.empty(rows * block, **f32) if softcap else None
-    dh = torch.zeros(n, dim, **f32)
-    dw = torch.empty_like(weight) if need_weight_grad else None  # the 16-bit gradient, written block by block
-    dw_acc = torch.empty(block, dim, **f32) if need_weight_grad else None
-    db = torch.empty_like(bias) if bias is not None and need_bias_grad else None
+    dh = torch.zeros(n, dim, **f32) if need[0] else None
+    dw = torch.empty_like(weight) if need[1] else None  # the 16-bit gradient, written block by block
+    dw_acc = torch.empty(block, dim, **f32) if need[1] else None
+    db = torch.empty_like(bias) if bias is not None and need[2] else None
     for lo in range(0, vocab, block):
         width = min(block, vocab - lo)
         wb = weight[lo:lo + width]
@@ -300,11 +419,12 @@ def _low_precision_grads(h, weight, bias, targets, rows, token_weight, lses, *, 
             g.index_put_((inside, local[inside]), -onehot[start:start + m][inside], accumulate=True)
             if softcap:
                 g.mul_(_buffer_view(tanh_buf, m, width).square_().neg_().add_(1))
-            if db_acc is not None:
-                db_acc += g.sum(0)
             gl = s.copy_(g)  # the 16-bit operand of the gradient matmuls
             for a, b in spans:
-                dh[start:start + m] += gl[:, a:b] @ wb[a:b]
+                if db_acc is not None:
+                    db_acc[a:b] += g[:, a:b].sum(0)
+                if dh is not None:
+                    dh[start:start + m] += gl[:, a:b] @ wb[a:b]
                 if acc is not None:
                     acc[a:b] += gl[:, a:b].T @ hc
         if dw is not None:
@@ -330,18 +450,6 @@ def _eval_scores(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return softcap * torch.tanh(scores / softcap) if softcap else scores
 
 
-@contextlib.contextmanager
-def _weight_available(weight: torch.Tensor):
-    """Under ZeRO-3 a partitioned parameter outside its module's forward holds a 0-element
-    stand-in; gather it for the duration. Heads import no DeepSpeed: a parameter with a ds_id was
-    made by DeepSpeed, which is therefore loaded, and its gathering context is taken from there."""
-    if weight.numel() == 0 and hasattr(weight, "ds_id"):
-        with sys.modules["deepspeed"].zero.GatheredParameters([weight]):
-            yield
-    else:
-        yield
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts, want_grads):
@@ -358,15 +466,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         kwargs = {k: opts[k] for k in ("softcap", "label_smoothing", "z_loss", "chunk_size", "filter_eps")}
         token_weight = None
         if want_grads and scalar:
-            scale = 1.0 / max(n, 1) if reduction == "mean" else 1.0  # all ignored: nan mean, zero gradients, as eager
+            scale = 1.0 / max(n, 1) if reduction == "mean" else 1.0
             token_weight = torch.full((n,), scale, dtype=torch.float32, device=h.device)
-        need = ctx.needs_input_grad
         losses, lses, grads = _chunked_loss_and_grads(h, weight, bias, t, token_weight=token_weight,
-                                                      need_weight_grad=need[1], need_bias_grad=need[2], **kwargs)
+                                                      need=ctx.needs_input_grad[:3], **kwargs)
         ctx.opts, ctx.kept, ctx.n_total, ctx.scalar = opts, kept, n_total, scalar
         if scalar:
             ctx.grads = grads
-            loss = losses.sum() if reduction == "sum" else losses.sum() / n
+            loss = losses.sum() if reduction == "sum" else losses.sum() / max(n, 1)  # all ignored: 0
         else:
             ctx.save_for_backward(hidden, weight, bias, targets)
             loss = losses if all_kept else losses.new_zeros(n_total).index_copy_(0, kept, losses)
@@ -381,8 +488,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                    "(its gradients are computed in the forward and handed over once)")
             (dh, dw, db), ctx.grads = ctx.grads, None
             if not bool(grad_loss == 1):
-                dh, dw = dh.mul_(grad_loss.to(dh.dtype)), None if dw is None else dw.mul_(grad_loss.to(dw.dtype))
-                db = None if db is None else db.mul_(grad_loss.to(db.dtype))
+                dh, dw, db = (None if x is None else x.mul_(grad_loss.to(x.dtype)) for x in (dh, dw, db))
         else:
             hidden, weight, bias, targets = ctx.saved_tensors
             kept = ctx.kept
@@ -390,11 +496,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets if kept is None else targets.index_select(0, kept)
             g = grad_loss if kept is None else grad_loss.index_select(0, kept)
             kwargs = {k: ctx.opts[k] for k in ("softcap", "label_smoothing", "z_loss", "chunk_size", "filter_eps")}
-            with _weight_available(weight):
+            with weight_available(weight):
                 _, _, (dh, dw, db) = _chunked_loss_and_grads(
-                    h, weight, bias, t, token_weight=g.float(), need_weight_grad=ctx.needs_input_grad[1],
-                    need_bias_grad=ctx.needs_input_grad[2], **kwargs)
-        if ctx.kept is not None:
+                    h, weight, bias, t, token_weight=g.float(), need=ctx.needs_input_grad[:3], **kwargs)
+        if ctx.kept is not None and dh is not None:
             dh = dh.new_zeros(ctx.n_total, dh.shape[1]).index_copy_(0, ctx.kept, dh)
         return dh, dw, db, None, None, None
 
@@ -405,6 +510,10 @@ def _check_inputs(hidden, weight, targets, bias, ignore_index, reduction, softca
         raise ValueError(f"hidden must be a [..., D] float tensor, got {getattr(hidden, 'dtype', type(hidden))}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, {hidden.shape[-1]}] to match hidden, got {list(getattr(weight, 'shape', []))}")
+    if hidden.dtype == torch.float16:
+        raise ValueError("cce does not take fp16: it computes its gradients during the forward, before the "
+                         "loss scale fp16 training multiplies them by is known, so small gradients would "
+                         "underflow and a scale of 65,536 overflow; use bf16 or fp32")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
@@ -490,7 +599,7 @@ class _WeightedLinearCrossEntropy(torch.autograd.Function):
         losses, _, grads = _chunked_loss_and_grads(
             h, weight, None, t, chunk_size=chunk_size, token_weight=w.detach().float() if want_grads else None,
             softcap=None, label_smoothing=0.0, z_loss=0.0, filter_eps=None,
-            need_weight_grad=need[1], need_bias_grad=False)
+            need=(need[0], need[1], False))
         per_token = losses.new_zeros(targets.shape[0]).index_copy_(0, kept, losses)
         ctx.kept, ctx.grads, ctx.n_total = kept, grads, targets.shape[0]
         ctx.save_for_backward(per_token)
@@ -505,8 +614,9 @@ class _WeightedLinearCrossEntropy(torch.autograd.Function):
                                "supported (its gradients are computed in the forward and handed over once)")
         (dh, dw, _), ctx.grads = ctx.grads, None
         (per_token,) = ctx.saved_tensors
-        dh = dh.mul_(grad_total.to(dh.dtype))
-        dh = dh.new_zeros(ctx.n_total, dh.shape[1]).index_copy_(0, ctx.kept, dh)
+        if dh is not None:
+            dh = dh.mul_(grad_total.to(dh.dtype))
+            dh = dh.new_zeros(ctx.n_total, dh.shape[1]).index_copy_(0, ctx.kept, dh)
         dw = None if dw is None else dw.mul_(grad_total.to(dw.dtype))
         return dh, dw, per_token * grad_total, None, None, None, None
 
@@ -584,24 +694,6 @@ class CCEHead(SoftmaxHead):
             yield start, _eval_scores(hidden[start:start + rows], self.weight, self.bias, self.options.softcap)
 
     @torch.no_grad()
-    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        check_head_inputs(hidden, targets, self.hidden_size)
-        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for start, scores in self._score_chunks(hidden):
-            t = targets[start:start + scores.shape[0]].clamp(min=0).unsqueeze(1)
-            out[start:start + scores.shape[0]] = torch.log_softmax(scores, 1, out=scores).gather(1, t).squeeze(1)
-        return out
-
-    @torch.no_grad()
-    def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
-        check_head_inputs(hidden, None, self.hidden_size)
-        check_k(k, self.vocab_size)
-        out = torch.empty(hidden.shape[0], k, dtype=torch.long, device=hidden.device)
-        for start, scores in self._score_chunks(hidden):
-            out[start:start + scores.shape[0]] = scores.topk(k, dim=1).indices
-        return out
-
-    @torch.no_grad()
     def sample(self, hidden, temperature=1.0, generator=None):
         check_head_inputs(hidden, None, self.hidden_size)
         temperature = self.sampling_temperature(hidden, temperature)
@@ -624,12 +716,19 @@ class CCEHead(SoftmaxHead):
             # one pass: a tile beside the final gradients, and per chunk four [rows, D]
             # temporaries (its dh, the row-scaled hidden states, the target rows of W and their product)
             return tile + hidden_grad + 4 * rows * hidden_size * dtype_bytes(dtype)
+        b = dtype_bytes(dtype)
+        work = (2 if options.softcap else 1) * max(ROW_BLOCK_BYTES, 4 * vocab_size)  # fp32 row blocks
+        if fp32_accumulator_fits(vocab_size, hidden_size):
+            # one pass: the 16-bit tile, its fp32 row blocks, the fp32 dW accumulator and a block
+            # of 16-bit products beside dh; at the end the accumulator and the 16-bit dW coexist
+            # (the dW the profiler adds back).
+            return tile + work + 4 * vocab_size * hidden_size + min(vocab_size, ACCUMULATE_BLOCK) * hidden_size * b \
+                + hidden_grad
         # pass 1 (losses) runs before any gradient exists; pass 2 sums dh in fp32 beside one
         # [rows, block] tile in 16 and 32 bits, one fp32 block of dW and the 16-bit product added
         # to it; then dh is cast.
-        work = (2 if options.softcap else 1) * max(ROW_BLOCK_BYTES, 4 * vocab_size)
-        pass1 = tile + work - vocab_size * hidden_size * dtype_bytes(dtype)
+        pass1 = tile + work - vocab_size * hidden_size * b
         block = min(vocab_size, ACCUMULATE_BLOCK)
-        pass2 = rows * block * (dtype_bytes(dtype) + 4 * (2 if options.softcap else 1)) + block * hidden_size * (4 + dtype_bytes(dtype))
+        pass2 = rows * block * (b + 4 * (2 if options.softcap else 1)) + block * hidden_size * (4 + b)
         dh32 = n_tokens * hidden_size * 4
         return max(pass1, pass2 + dh32, dh32 + hidden_grad)

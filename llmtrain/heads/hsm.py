@@ -22,7 +22,8 @@ from pydantic import Field
 from torch import nn
 
 from llmtrain.errors import UserError
-from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes
+from llmtrain.heads.base import (IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes,
+                                 entropy_of_scores)
 from llmtrain.heads.temperature import dro_shift, tau_metrics
 from llmtrain.heads.hsm_clusters import default_clusters, frequency_clusters, table_from_rows, table_problem
 
@@ -87,18 +88,22 @@ class _WithinClusterNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_nll):
         hidden, weight, positions = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.empty_like(weight)
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
         done = 0  # rows of grad_weight written so far; rows of absent clusters get zeros
         with _one_thread(hidden.device):
             for (start, end, lo, hi), p in zip(ctx.segments, ctx.probs):
-                grad_weight[done:lo].zero_()
                 g = grad_nll[start:end, None]
                 dlogits = (p * g).scatter_add_(1, positions[start:end, None], -g).to(weight.dtype)
-                torch.mm(dlogits, weight[lo:hi], out=grad_hidden[start:end])
-                torch.mm(dlogits.T, hidden[start:end], out=grad_weight[lo:hi])
+                if need_hidden:
+                    torch.mm(dlogits, weight[lo:hi], out=grad_hidden[start:end])
+                if need_weight:
+                    grad_weight[done:lo].zero_()
+                    torch.mm(dlogits.T, hidden[start:end], out=grad_weight[lo:hi])
                 done = hi
-        grad_weight[done:].zero_()
+        if need_weight:
+            grad_weight[done:].zero_()
         return grad_hidden, grad_weight, None, None
 
 
@@ -248,6 +253,7 @@ class HsmHead(Head):
 
     @torch.no_grad()
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The target's cluster's rows only: O(N·(C + |c|)·D)."""
         check_head_inputs(hidden, targets, self.hidden_size)
         tokens = self._checked_targets(targets)
         clusters = self.token_cluster[tokens]
@@ -256,7 +262,47 @@ class HsmHead(Head):
         within, _ = _within_forward(hidden[order], self.weight, self.token_position[tokens[order]], segments, False)
         out = top.gather(1, clusters[:, None]).squeeze(1)
         out[order] -= within
-        return out
+        return torch.where(targets != IGNORE_INDEX, out, 0.0)
+
+    @torch.no_grad()
+    def logprobs_and_topk(self, hidden, targets, k):
+        """Top k needs every token's score; the targets' log-probabilities are read off the same
+        block of scores."""
+        check_head_inputs(hidden, targets, self.hidden_size)
+        check_k(k, self.vocab_size)
+        rows = self.token_row[self._checked_targets(targets)]
+        logprobs, top = [], []
+        for h, r in zip(self._row_blocks(hidden), rows.split(EVAL_BLOCK // self.vocab_size or 1)):
+            lp = self._row_logprobs(h)
+            top.append(self.row_token[lp.topk(k, dim=1).indices])
+            logprobs.append(lp.gather(1, r[:, None]).squeeze(1))
+        if not top:
+            return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, k, dtype=torch.long)
+        return torch.where(targets != IGNORE_INDEX, torch.cat(logprobs), 0.0), torch.cat(top)
+
+    @torch.no_grad()
+    def token_entropy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """H = H(cluster) + Σ_c p(c)·H(token | c), block of positions by block (no N × V)."""
+        check_head_inputs(hidden, None, self.hidden_size)
+        parts = []
+        for h in self._row_blocks(hidden):
+            top = F.linear(h, self.cluster_weight).float()
+            within = self._cluster_entropies(F.linear(h, self.weight).float())
+            p_top = torch.softmax(top, 1).double()
+            parts.append((entropy_of_scores(top).double() + (p_top * within).sum(1)).float())
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+    def _cluster_entropies(self, scores: torch.Tensor) -> torch.Tensor:
+        """[n, C] float64 entropy of the softmax within each cluster, from [n, V] scores in row
+        order (overwritten): segment sums over the clusters' columns, shifted by each cluster's max."""
+        n, index = scores.shape[0], self.row_cluster.to(scores.device)
+        peak = scores.new_full((n, self.n_clusters), -math.inf).scatter_reduce_(
+            1, index.expand(n, -1), scores, "amax")
+        x = scores.sub_(peak[:, index])
+        e = x.exp()
+        total = torch.zeros(n, self.n_clusters, dtype=torch.float64, device=scores.device).index_add_(1, index, e.double())
+        expected = torch.zeros_like(total).index_add_(1, index, e.mul_(x).double())
+        return total.log() - expected / total
 
     def _row_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, V] float32 log-probabilities of every token, columns in weight-row order."""

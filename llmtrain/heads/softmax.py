@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes
+from llmtrain.heads.base import (IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes,
+                                 entropy_of_scores)
 from llmtrain.heads.temperature import dro_loss_from_logits
 
 # Rows per chunk when eval/generation asks for scores: bounds eval memory at chunk × V.
@@ -51,14 +52,21 @@ class SoftmaxHead(Head):
         if self.temperature is not None:
             return HeadOutput(*dro_loss_from_logits(logits, targets, self._tau(hidden, logits), self.temperature.rho))
         keep = targets != IGNORE_INDEX
-        n_keep = keep.sum().clamp(min=1)
-        loss = F.cross_entropy(
-            logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=self.options.label_smoothing
-        )
-        lse = torch.logsumexp(logits, dim=-1)
-        aux = (lse.square() * keep).sum() / n_keep
+        n_keep = keep.sum().clamp(min=1)  # all ignored: loss 0 and zero gradients, not 0/0
+        # One log-softmax serves the loss, the smoothing term and the log-sum-exp the metric and
+        # the z-loss need: lse = s_target − log p_target, no second pass over the N × V logits.
+        logp = torch.log_softmax(logits, dim=-1)
+        safe = targets.clamp(min=0).unsqueeze(1)
+        nll = logp.gather(1, safe).squeeze(1).neg()
+        per_token = nll
+        if self.options.label_smoothing:
+            eps = self.options.label_smoothing
+            per_token = (1 - eps) * nll - eps * logp.mean(1)
+        lse = logits.gather(1, safe).squeeze(1) + nll
+        loss = (per_token * keep).sum() / n_keep
         metrics = {"lse_mean": float(((lse * keep).sum() / n_keep).detach())}
         if self.options.z_loss:
+            aux = (lse.square() * keep).sum() / n_keep
             loss = loss + self.options.z_loss * aux
             metrics["z_loss_aux"] = float(aux.detach())
         return HeadOutput(loss=loss, metrics=metrics)
@@ -82,24 +90,50 @@ class SoftmaxHead(Head):
         out = []
         for h, t, s in zip(hidden.split(EVAL_CHUNK), targets.split(EVAL_CHUNK), tau.split(EVAL_CHUNK)):
             logp = torch.log_softmax(self.logits(h) / s[:, None], dim=-1)
-            out.append(logp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1))
+            out.append(torch.where(t != IGNORE_INDEX, logp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0))
         return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
     @torch.no_grad()
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        check_head_inputs(hidden, targets, self.hidden_size)
-        out = []
-        for h, t in zip(hidden.split(EVAL_CHUNK), targets.split(EVAL_CHUNK)):
-            logp = torch.log_softmax(self.logits(h), dim=-1)
-            out.append(logp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1))
-        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+        return self.logprobs_and_topk(hidden, targets, None)[0]
 
     @torch.no_grad()
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
-        check_head_inputs(hidden, None, self.hidden_size)
         check_k(k, self.vocab_size)
-        parts = [self.logits(h).topk(k, dim=-1).indices for h in hidden.split(EVAL_CHUNK)]
-        return torch.cat(parts) if parts else hidden.new_zeros(0, k, dtype=torch.long)
+        return self.logprobs_and_topk(hidden, None, k)[1]
+
+    @torch.no_grad()
+    def logprobs_and_topk(self, hidden, targets, k):
+        """One pass over each chunk's scores for both (either may be skipped: None)."""
+        check_head_inputs(hidden, targets, self.hidden_size)
+        if k is not None:
+            check_k(k, self.vocab_size)
+        n = hidden.shape[0]
+        logprobs = None if targets is None else hidden.new_zeros(n, dtype=torch.float32)
+        top = None if k is None else hidden.new_zeros(n, k, dtype=torch.long)
+        for start, scores in self._score_chunks(hidden):
+            rows = slice(start, start + scores.shape[0])
+            if top is not None:  # the order of the scores is the order of the log-probabilities
+                top[rows] = scores.topk(k, dim=1).indices
+            if logprobs is not None:
+                t = targets[rows]
+                logp = torch.log_softmax(scores, 1, out=scores).gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
+                logprobs[rows] = torch.where(t != IGNORE_INDEX, logp, 0.0)
+        return logprobs, top
+
+    @torch.no_grad()
+    def token_entropy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """H = lse − Σ p·s per position, chunk by chunk (fp32 scores, float64 sums)."""
+        check_head_inputs(hidden, None, self.hidden_size)
+        out = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        for start, scores in self._score_chunks(hidden):
+            out[start:start + scores.shape[0]] = entropy_of_scores(scores)
+        return out
+
+    def _score_chunks(self, hidden: torch.Tensor):
+        """(start, [chunk, V] fp32 soft-capped scores): evaluation holds EVAL_CHUNK × V at most."""
+        for start in range(0, hidden.shape[0], EVAL_CHUNK):
+            yield start, self.logits(hidden[start:start + EVAL_CHUNK])
 
     @torch.no_grad()
     def sample(self, hidden, temperature=1.0, generator=None):

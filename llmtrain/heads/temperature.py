@@ -15,7 +15,8 @@ mixing the two would evaluate the network on inputs it was never trained on.
 
 Where the scores are linear in the hidden state (o = W·h + b: the softmax head without softcap, the
 cce head), the first layer never forms o: A·o = (A·W)·h + A·b and ‖o‖² = hᵀ(WᵀW)h + 2(Wᵀb)·h + ‖b‖²,
-so it costs O(w·V·D + V·D²) per step plus O(N·D·(w + D)) — no N × V tensor. The hsm head feeds
+so it costs O(w·V·D + V·D²) per step plus O(N·D·(w + D)) — no N × V tensor, and no V × D copy:
+the weight is read VOCAB_CHUNK rows at a time. The hsm head feeds
 its cluster-level scores (C = ⌈√V⌉ of them): they are what it computes for every token anyway,
 and its full scores exist only in evaluation.
 
@@ -32,7 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.heads import HEADS, head_class
-from llmtrain.heads.base import IGNORE_INDEX, Head
+from llmtrain.heads.base import IGNORE_INDEX, Head, weight_available
+
+# Rows of the head's weight the first layer takes at a time (bounds its cast copy at VOCAB_CHUNK × D).
+VOCAB_CHUNK = 8192
 # ‖o‖ floor, as F.normalize's eps: an all-zero score vector maps to u = 0, not NaN.
 NORM_EPS = 1e-12
 
@@ -77,17 +81,25 @@ class TemperatureNet(nn.Module):
         return tau.to(torch.promote_types(tau.dtype, torch.float32))  # 16-bit nets: τ in fp32
 
     def _first_layer_of_linear(self, hidden, weight, bias):
-        """first(o/‖o‖) for o = weight·h + bias, from [w, D] and [D, D] products only."""
+        """first(o/‖o‖) for o = weight·h + bias, from [w, D] and [D, D] products only, going over
+        the weight's rows VOCAB_CHUNK at a time: no V × D copy in another dtype."""
         dtype = self.first.weight.dtype
-        h, w32, h32 = hidden.to(dtype), weight.float(), hidden.float()
-        projected = self.first.weight @ weight.to(dtype)  # A·W [width, D]: its gradient is ∂(A·W)·Wᵀ
+        h, h32 = hidden.to(dtype), hidden.float()
+        projected = _Projection.apply(self.first.weight, weight)  # A·W [width, D]
         pre = h @ projected.T
         # ‖o‖² in fp32 whatever the training dtype: the norm is the one place where rounding bites
-        squared = ((h32 @ (w32.T @ w32)) * h32).sum(1)
+        gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
+        for chunk in weight.split(VOCAB_CHUNK):
+            chunk32 = chunk.float()
+            gram.addmm_(chunk32.T, chunk32)
+        squared = ((h32 @ gram) * h32).sum(1)
         if bias is not None:
             pre = pre + self.first.weight @ bias.to(dtype)
             b32 = bias.float()
-            squared = squared + 2 * (h32 @ (w32.T @ b32)) + b32.square().sum()
+            w_b = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+            for chunk, b_chunk in zip(weight.split(VOCAB_CHUNK), b32.split(VOCAB_CHUNK)):
+                w_b += chunk.float().T @ b_chunk
+            squared = squared + 2 * (h32 @ w_b) + b32.square().sum()
         norm = squared.clamp(min=0).sqrt().clamp(min=NORM_EPS)
         return pre / norm.to(dtype)[:, None] + self.first.bias
 
@@ -100,6 +112,30 @@ class TemperatureNet(nn.Module):
             return self(scores, **linear)
         finally:
             self.train(was_training)
+
+
+class _Projection(torch.autograd.Function):
+    """A·W [width, D] for the first layer's weight A [width, V] and a head's weight W [V, D]
+    (constant here: the network does not push the scores), summed over blocks of VOCAB_CHUNK rows
+    cast to A's dtype one at a time; backward ∂A = ∂(A·W)·Wᵀ the same way. Autograd would keep a
+    whole cast copy of W for the backward (4 GiB at V = 256k, D = 4,096 in bf16 training)."""
+
+    @staticmethod
+    def forward(ctx, a, weight):
+        out = torch.zeros(a.shape[0], weight.shape[1], dtype=a.dtype, device=a.device)
+        for lo in range(0, weight.shape[0], VOCAB_CHUNK):
+            out.addmm_(a[:, lo:lo + VOCAB_CHUNK], weight[lo:lo + VOCAB_CHUNK].to(a.dtype))
+        ctx.save_for_backward(weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        grad_a = grad.new_empty(grad.shape[0], weight.shape[0])
+        with weight_available(weight):  # ZeRO-3: gathered again if partitioned by now
+            for lo in range(0, weight.shape[0], VOCAB_CHUNK):
+                grad_a[:, lo:lo + VOCAB_CHUNK] = grad @ weight[lo:lo + VOCAB_CHUNK].to(grad.dtype).T
+        return grad_a, None
 
 
 # --------------------------------------------------------------------------- the DRO loss pieces

@@ -28,12 +28,16 @@ from llmtrain.heads.base import IGNORE_INDEX, Head, HeadOptions, HeadOutput, che
 VOCAB_CHUNK = 8192
 EVAL_CHUNK = 1024
 
-# The σ guard: σ² is raised to at least VAR_REL_FLOOR·(σ² + ‖h‖²‖m‖²) + VAR_ABS_FLOOR (m the
-# mean row). Centring W rounds each w_k − m by about 1e-7·|m| in fp32, which moves o_c − μ by up to
-# ~1e-7·‖h‖‖m‖; with σ ≥ 1e-3·‖h‖‖m‖ that noise stays below ~1e-4 in z. The absolute floor
-# (σ ≥ 1e-6) covers all-zero scores. The guard scales with h and W, so the loss stays scale
-# invariant; while it is active σ is held constant: the gradient flows through o_c − μ only.
-VAR_REL_FLOOR = 1e-6
+# The σ guard, for degenerate scores only: σ² is raised to at least VAR_REL_FLOOR·(σ² + ‖h‖²‖m‖²)
+# + VAR_ABS_FLOOR (m the mean row), and while it is active σ is held constant (the gradient flows
+# through o_c − μ only). Centring W before the Gram matrix keeps σ² accurate however large the
+# common mean row is: with the floor at 1e-12 it triggers only where the rows' spread is below
+# 1e-6 of their mean, beyond what fp32 rows can represent (their rounding, 6e-8·|m|, is then a
+# tenth of the spread), so it changes no gradient in a reachable regime. (At 1e-6 it froze σ's
+# gradient once the mean row was ~1000/√D times the spread: ∇W off by 12% at D = 512, 50×.)
+# The absolute floor covers all-zero scores. The guard scales with h and W: the loss stays scale
+# invariant.
+VAR_REL_FLOOR = 1e-12
 VAR_ABS_FLOOR = 1e-12
 # fit_calibration's bracket: β beyond this is an argmax in all but name (targets always ranked first).
 BETA_MAX = 1e4
@@ -56,8 +60,15 @@ def centered_gram(weight: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, 
     for chunk in rows.split(VOCAB_CHUNK):
         mean += chunk.sum(0, dtype=torch.float32)
     mean /= vocab_size
-    gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
+    # The rounded mean leaves each centred row off by the same small vector; one more pass adds
+    # back the centred rows' own mean, so that they sum to zero to second order (equal rows then
+    # centre to exact zeros, and σ = 0 is seen as such).
     centred = _chunk_buffer(weight, vocab_size)
+    residual = torch.zeros_like(mean)
+    for chunk in rows.split(VOCAB_CHUNK):
+        residual += torch.sub(chunk, mean, out=centred[:chunk.shape[0]]).sum(0)
+    mean += residual / vocab_size
+    gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
     for chunk in rows.split(VOCAB_CHUNK):
         block = torch.sub(chunk, mean, out=centred[:chunk.shape[0]])
         gram.addmm_(block.T, block)
@@ -87,10 +98,10 @@ class _SphericalZLoss(torch.autograd.Function):
     """Returns (loss, z): z [N] are the targets' standardized scores, without gradient (metrics)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, a, b, ignore_index, reduction, vocab_size):
+    def forward(ctx, hidden, weight, targets, a, b, ignore_index, reduction, vocab_size, statistics):
         keep = targets != ignore_index
         safe_targets = torch.where(keep, targets, torch.zeros_like(targets))
-        mean, gram = centered_gram(weight, vocab_size)
+        mean, gram = centered_gram(weight, vocab_size) if statistics is None else statistics
         h = hidden.float()
         mu, sigma, guarded = token_standardization(h, mean, gram, vocab_size)
         z = _centred_target_rows(weight, safe_targets, mean).mul_(h).sum(1) / sigma
@@ -149,7 +160,7 @@ class _SphericalZLoss(torch.autograd.Function):
             grad_hidden = (h @ gram).mul_((2 * beta)[:, None])
             grad_hidden += _centred_target_rows(weight, targets, mean).mul_(alpha[:, None])
             grad_hidden = grad_hidden.to(hidden.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def _check_loss_args(hidden, weight, targets, a, b, ignore_index, reduction, vocab_size) -> int:
@@ -179,10 +190,12 @@ def _check_loss_args(hidden, weight, targets, a, b, ignore_index, reduction, voc
 
 
 def spherical_z_loss_with_z(hidden, weight, targets, *, a, b, ignore_index=IGNORE_INDEX, reduction="mean",
-                            vocab_size=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`spherical_z_loss` and the targets' standardized scores z [N] (0 where ignored; no gradient)."""
+                            vocab_size=None, statistics=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`spherical_z_loss` and the targets' standardized scores z [N] (0 where ignored; no gradient).
+    ``statistics``: ``centered_gram(weight, vocab_size)`` when the caller has it already."""
     vocab = _check_loss_args(hidden, weight, targets, a, b, ignore_index, reduction, vocab_size)
-    return _SphericalZLoss.apply(hidden, weight, targets.long(), float(a), float(b), ignore_index, reduction, vocab)
+    return _SphericalZLoss.apply(hidden, weight, targets.long(), float(a), float(b), ignore_index, reduction, vocab,
+                                 statistics)
 
 
 def spherical_z_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, a: float, b: float,
@@ -227,6 +240,8 @@ class ZLossHead(Head):
         super().__init__(options, hidden_size, vocab_size)
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(hidden_size))
+        # (key, (m, Q)): the centred Gram of the weight as it is now; see _statistics.
+        self._gram_cache: tuple | None = None
         # β of the calibrated distribution softmax(β·z); a buffer so checkpoints keep it.
         self.register_buffer("calibration_beta", torch.tensor(1.0))
         self.register_buffer("calibrated", torch.tensor(False))
@@ -234,9 +249,36 @@ class ZLossHead(Head):
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> HeadOutput:
         check_head_inputs(hidden, targets, self.hidden_size)
         loss, z = spherical_z_loss_with_z(hidden, self.weight, targets, a=self.options.a, b=self.options.b,
-                                          vocab_size=self.vocab_size)
+                                          vocab_size=self.vocab_size, statistics=self._statistics())
         n_keep = max(int((targets != IGNORE_INDEX).sum()), 1)
         return HeadOutput(loss=loss, metrics={"z_target_mean": float(z.sum()) / n_keep})
+
+    def _statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, Q) of the weight, computed once per weight state (its V·D² work is the head's
+        largest): micro-steps of one accumulation, evaluation and every sampling call between two
+        optimizer steps share it. The key is a fingerprint of the values, Σw and ‖w‖ of each chunk
+        of rows (2·V·D reads, 2/D of the Gram's work), not autograd's version counter: DeepSpeed writes
+        updated weights through ``.data``, which the counter does not see, and ZeRO-3 gathers a
+        new tensor for every forward. An update leaving both unchanged to the last bit would
+        have to be built for it; row permutations leave (m, Q) unchanged anyway."""
+        w = self.weight
+        with torch.no_grad():
+            # per VOCAB_CHUNK rows in the weight's dtype: a float64 reduction of the whole weight
+            # would first copy it to float64 (V·D·8 bytes)
+            fingerprint = [(float(c.sum()), float(torch.linalg.vector_norm(c))) for c in w.split(VOCAB_CHUNK)]
+            key = (tuple(fingerprint), tuple(w.shape), w.dtype, w.device)
+            if self._gram_cache is None or self._gram_cache[0] != key:
+                self._gram_cache = (key, centered_gram(w, self.vocab_size))
+        return self._gram_cache[1]
+
+    def token_entropy(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotADistributionError(
+            "the zloss head is not a probability model, so its scores have no entropy; the calibrated "
+            "softmax(β·z) of calibrated_token_logprobs is a stand-in, not the model's distribution")
+
+    @torch.no_grad()
+    def logprobs_and_topk(self, hidden, targets, k):
+        return None, self.topk(hidden, k)
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotADistributionError(
@@ -248,7 +290,7 @@ class ZLossHead(Head):
 
     def _z_chunks(self, hidden: torch.Tensor):
         """Yields (token slice, vocab start, z [n, v]) for fp32 standardized scores, chunk by chunk."""
-        mean, gram = centered_gram(self.weight, self.vocab_size)
+        mean, gram = self._statistics()
         for t0 in range(0, hidden.shape[0], EVAL_CHUNK):
             h = hidden[t0:t0 + EVAL_CHUNK].float()
             mu, sigma, _ = token_standardization(h, mean, gram, self.vocab_size)

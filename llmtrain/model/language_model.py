@@ -69,6 +69,14 @@ class LanguageModel(nn.Module):
         return torch.cat(parts) if parts else hidden.new_zeros(0, k, dtype=torch.long)
 
     @torch.no_grad()
+    def logprobs_and_topk(self, hidden: torch.Tensor, targets: torch.Tensor, k: int):
+        """(the head's token log-probabilities or None, top k among real tokens): one pass over
+        the scores where no padding rows need ranking apart."""
+        if not self.padding:
+            return self.head.logprobs_and_topk(hidden, targets, k)
+        return (self.head.token_logprobs(hidden, targets) if self.head.is_distribution else None), self.topk(hidden, k)
+
+    @torch.no_grad()
     def sample(self, hidden: torch.Tensor, temperature: float | str = 1.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """A draw from the head's distribution restricted to real tokens: padding draws are drawn

@@ -244,9 +244,9 @@ class Worker:
             hidden = model.body(block[:, :-1]).flatten(0, 1)
             targets = block[:, 1:].flatten()
             with self._head_params():
-                top = model.topk(hidden, 10)
-                if head.is_distribution:
-                    sums[0] -= head.token_logprobs(hidden, targets).double().sum().cpu()
+                logprobs, top = model.logprobs_and_topk(hidden, targets, 10)  # one pass over the scores
+                if logprobs is not None:
+                    sums[0] -= logprobs.double().sum().cpu()
                 if tempered:  # perplexity above is at τ = 1, as the paper's; here the tempered one
                     tau = head.predict_temperature(hidden)
                     tau_sums[0] += tau.double().sum().cpu()
