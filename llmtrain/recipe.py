@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -87,6 +88,11 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 (DeepSpeed bf16 mode, fp32 master weights)")
     seed: int = Field(1234, description="seeds the model init, the data order and every RNG")
     log_every: int = Field(10, ge=1, description="steps between metric records")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss or gradient norm, or a step DeepSpeed skipped for overflow: stop "
+        "(save nothing, exit 3 naming the step and the last good checkpoint) or skip the step (its update is not "
+        "applied) and go on")
+    max_skipped: int = Field(10, ge=1, description="with on_nonfinite=skip: stop after this many skipped steps in a row")
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -127,6 +133,9 @@ class LaunchConfig(Section):
     nodes: int = Field(1, ge=1, description="nodes (more than 1 needs --hostfile or SLURM)")
     launcher: Literal["deepspeed", "torchrun"] = Field("deepspeed", description="process launcher for local runs")
     master_port: int | None = Field(None, ge=1024, le=65535, description="rendezvous port (default: a free one)")
+    timeout_s: int = Field(
+        600, ge=5, description="longest a rank may go without progress (a step, an eval pass, a checkpoint save, "
+        "or start-up) before the whole job is ended: the collective timeout and the launcher's watchdog")
 
 
 class HeadSection(BaseModel):
@@ -178,8 +187,13 @@ class TemperatureConfig(Section):
         return {**self.network_options(), "mode": self.mode}
 
 
+# A run name goes into file names (runs/<name>-<time>) and the SLURM script: no separators, no shell.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
 class Recipe(Section):
-    name: str | None = Field(None, description="run name (default: the recipe file's name)")
+    name: str | None = Field(None, description="run name: letters, digits, '_', '.', '-' (up to 100, not starting "
+                             "with '.' or '-'; default: the recipe file's name)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     head: HeadSection = Field(default_factory=HeadSection)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -195,6 +209,20 @@ class Recipe(Section):
     def world_size(self) -> int:
         return self.launch.ranks_per_node * self.launch.nodes
 
+    @model_validator(mode="after")
+    def _safe_name(self):
+        if self.name is not None and not SAFE_NAME.match(self.name):
+            raise ValueError(f"name {self.name!r}: use letters, digits, '_', '.' and '-' only (up to 100 characters, "
+                             "starting with a letter or digit); it becomes part of file names and the SLURM script")
+        return self
+
+    @model_validator(mode="after")
+    def _deepspeed_config_agrees(self):
+        if conflicts := deepspeed_config_conflicts(self):
+            raise ValueError("deepspeed.config contradicts validated recipe keys (set those instead): "
+                             + "; ".join(conflicts))
+        return self
+
     def head_spec(self) -> dict[str, Any]:
         return self.head.model_dump()
 
@@ -208,6 +236,50 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def deepspeed_config_conflicts(recipe: Recipe) -> list[str]:
+    """Keys of the raw `deepspeed.config` that set, to another value, what a validated recipe key
+    decides: "deepspeed.config.X=a contradicts recipe.key=b" for each. The same value is allowed."""
+    t, d, raw = recipe.train, recipe.deepspeed, recipe.deepspeed.config
+    owned = {
+        ("zero_optimization", "stage"): ("deepspeed.zero_stage", d.zero_stage),
+        ("zero_optimization", "offload_optimizer", "device"): ("deepspeed.offload_optimizer", d.offload_optimizer),
+        ("zero_optimization", "offload_param", "device"): ("deepspeed.offload_param", d.offload_param),
+        ("train_micro_batch_size_per_gpu",): ("train.micro_batch", t.micro_batch),
+        ("gradient_accumulation_steps",): ("train.grad_accum", t.grad_accum),
+        ("train_batch_size",): ("train.micro_batch × train.grad_accum × ranks", t.micro_batch * t.grad_accum * recipe.world_size),
+        ("gradient_clipping",): ("train.grad_clip", t.grad_clip),
+        ("optimizer", "params", "lr"): ("train.lr", t.lr),
+        ("optimizer", "params", "weight_decay"): ("train.weight_decay", t.weight_decay),
+        ("optimizer", "params", "betas"): ("train.betas", list(t.betas)),
+        ("bf16", "enabled"): ("train.precision", t.precision == "bf16"),
+        ("fp16", "enabled"): ("train.precision", False),
+    }
+    conflicts = []
+    for path, (key, value) in owned.items():
+        node: Any = raw
+        for part in path:
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT and _normalized(node) != _normalized(value):
+            shown = t.precision if key == "train.precision" else value
+            conflicts.append(f"deepspeed.config.{'.'.join(path)}={node!r} contradicts {key}={shown!r}")
+    if "scheduler" in raw:
+        conflicts.append("deepspeed.config.scheduler contradicts train.lr/min_lr/warmup_steps (llmtrain sets the LR "
+                         "every step)")
+    return conflicts
+
+
+_ABSENT = object()
+
+
+def _normalized(value: Any) -> Any:
+    """Compare 3 with 3.0 and a tuple with a list; 'none' offload with a missing one."""
+    if isinstance(value, (list, tuple)):
+        return [_normalized(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 # ---------------------------------------------------------------------------- loading and errors
@@ -225,7 +297,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         raise UserError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (model, head, data, train, ...)")
-    raw.setdefault("name", path.stem)
+    raw.setdefault("name", re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem).lstrip(".-") or "run")
     return validate_recipe(raw, overrides, source=str(path))
 
 
