@@ -209,20 +209,6 @@ class Recipe(Section):
     def world_size(self) -> int:
         return self.launch.ranks_per_node * self.launch.nodes
 
-    @model_validator(mode="after")
-    def _safe_name(self):
-        if self.name is not None and not SAFE_NAME.match(self.name):
-            raise ValueError(f"name {self.name!r}: use letters, digits, '_', '.' and '-' only (up to 100 characters, "
-                             "starting with a letter or digit); it becomes part of file names and the SLURM script")
-        return self
-
-    @model_validator(mode="after")
-    def _deepspeed_config_agrees(self):
-        if conflicts := deepspeed_config_conflicts(self):
-            raise ValueError("deepspeed.config contradicts validated recipe keys (set those instead): "
-                             + "; ".join(conflicts))
-        return self
-
     def head_spec(self) -> dict[str, Any]:
         return self.head.model_dump()
 
@@ -236,6 +222,23 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def safe_name(text: str) -> str:
+    """A run name made from free text (a file or folder name): unsafe characters become '-'."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", text).lstrip(".-")[:100] or "run"
+
+
+def input_problems(recipe: Recipe) -> list[str]:
+    """Checks of what a user hands in, beyond the schema; recipes stored in runs and checkpoints
+    by older versions are not re-judged by them."""
+    problems = []
+    if recipe.name is not None and not SAFE_NAME.match(recipe.name):
+        problems.append(f"name: {recipe.name!r} is not a safe run name; use letters, digits, '_', '.' and '-' only "
+                        "(up to 100 characters, starting with a letter or digit): it becomes part of file names and "
+                        "the SLURM script")
+    problems += [f"{c} (set the recipe key instead)" for c in deepspeed_config_conflicts(recipe)]
+    return problems
 
 
 def deepspeed_config_conflicts(recipe: Recipe) -> list[str]:
@@ -297,7 +300,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         raise UserError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (model, head, data, train, ...)")
-    raw.setdefault("name", re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem).lstrip(".-") or "run")
+    raw.setdefault("name", safe_name(path.stem))
     return validate_recipe(raw, overrides, source=str(path))
 
 
@@ -313,6 +316,7 @@ def validate_recipe(raw: dict[str, Any], overrides: Sequence[str] = (), source: 
     recipe = None
     try:
         recipe = Recipe.model_validate(raw)
+        errors += input_problems(recipe)
     except ValidationError as e:
         errors += [_describe(err, Recipe) for err in e.errors()]
     head_errors = _head_errors(raw.get("head") or {}, raw.get("model") or {})

@@ -241,8 +241,8 @@ def _diff(old: Any, new: Any) -> str:
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints. Called only right after a save that
-    verified finite weights, so the newest good checkpoint is never the one removed."""
+    """Keep the newest `keep_last` complete checkpoints. The worker calls it only once a finite
+    step has followed the newest save, so the checkpoint before a divergence is never removed."""
     for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
         # Remove the marker first: a crash mid-delete leaves an incomplete (ignored) folder.
         (old / META).unlink(missing_ok=True)

@@ -164,6 +164,9 @@ class Worker:
         self.train_seconds = 0.0  # wall time inside training steps: compares heads at equal time
         # A distinct stream per rank for anything random during training (dropout, sampling).
         seed_all(r.train.seed * 1000 + 17 + self.rank)
+        # Checkpoints saved by this attempt not yet followed by a finite step; the newest that was.
+        self.unconfirmed: list[Path] = []
+        self.confirmed: Path | None = checkpoint
         if checkpoint is not None:
             self._load(checkpoint)
         self.heartbeat.beat()
@@ -227,12 +230,23 @@ class Worker:
                 "identity": self.recipe.identity(), "tokenizer_hash": self.data.tokenizer_hash,
                 "corpus_hash": self.data.corpus_hash,
                 "recipe": self.recipe.model_dump(mode="json"), "saved_at": time.time(),
-                "files": {name: entry for part in parts for name, entry in sorted(part.items())},
+                "files": dict(sorted((name, entry) for part in parts for name, entry in part.items())),
             })
-            prune(ckpt_dir, self.recipe.checkpoint.keep_last)
         dist.barrier()
         self.heartbeat.beat()
+        self.unconfirmed.append(ckpt_dir / tag)
         return ckpt_dir / tag
+
+    def _confirm_checkpoints(self) -> None:
+        """A step after a save came out finite: the saved weights were sound, and older checkpoints
+        may now be pruned. Pruning waits for this because a step can leave huge but finite weights
+        that only the next step shows to be broken: the checkpoint before it must survive."""
+        if not self.unconfirmed:
+            return
+        self.confirmed = self.unconfirmed[-1]
+        self.unconfirmed = []
+        if self.rank == 0:
+            prune(self.run_dir / "checkpoints", self.recipe.checkpoint.keep_last)
 
     def _weights_finite(self) -> bool:
         """Every rank checks its share of the weights (its ZeRO-3 partition, or every world-th
@@ -405,6 +419,7 @@ class Worker:
                         sink.message(f"[yellow]warning[/]: step {self.step} skipped: {problem}")
                 else:
                     skipped_in_a_row = 0
+                    self._confirm_checkpoints()
                 if self.step % r.train.log_every == 0 or self.step == end or stopping or bad:
                     dist.all_reduce(loss)
                     now = time.perf_counter()
@@ -438,6 +453,7 @@ class Worker:
                 reason = f"stopped after {self.stop_after} steps (--stop-after)"
             if last_saved is None and self.step > 0:
                 last_saved = self._save()
+            self._confirm_checkpoints()  # the run ends here: its last step was checked already
         except Diverged as e:
             if sink:
                 sink.close()
@@ -493,10 +509,12 @@ class Worker:
         return f"non-finite gradient norm ({norm})"
 
     def _report_divergence(self, problem: str) -> None:
-        kept = complete_checkpoints(self.run_dir / "checkpoints")
-        last = str(kept[-1]) if kept else None
-        message = (f"diverged at step {self.step}: {problem}; nothing was saved after it "
-                   f"(train.on_nonfinite={self.recipe.train.on_nonfinite}); last good checkpoint: {last or 'none'}")
+        last = str(self.confirmed) if self.confirmed else None
+        later = [d.name for d in self.unconfirmed]
+        doubt = (f" ({', '.join(later)}, saved after it, may hold damaged weights: the step after the save "
+                 "diverged)") if later else ""
+        message = (f"diverged at step {self.step}: {problem}; nothing was saved from step {self.step} on "
+                   f"(train.on_nonfinite={self.recipe.train.on_nonfinite}); last good checkpoint: {last or 'none'}{doubt}")
         if self.rank == 0:
             print(f"error: {message}", file=sys.stderr, flush=True)
             write_status(self.run_dir, "diverged", reason=message, step=self.step, steps=self.recipe.train.steps,
