@@ -4,7 +4,6 @@ intact checkpoint survives and resumes onto the uninterrupted run's losses (bit 
 
 Timings are printed as `FAULT scenario | exit | seconds | kept` lines (pytest -s) for RELIABILITY.md."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -59,6 +58,11 @@ def start(*args, log: Path) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
+def training(run: Path, since: float, after_step: int):
+    """A condition: this attempt (not the copied run) has logged a step past `after_step`."""
+    return lambda: any(r["step"] > after_step and r["time"] > since for r in records(run))
+
+
 def wait_for(condition, timeout=240, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -108,7 +112,7 @@ def test_divergence_stops_saves_nothing_broken_and_keeps_the_last_good_checkpoin
     assert f"last good checkpoint: {good}" in proc.stderr and f"{tag_for(5)}, saved after it" in proc.stderr
     assert status(run)["state"] == "diverged" and status(run)["checkpoint"] == str(good)
     kept = complete_checkpoints(run / "checkpoints")
-    assert [d.name for d in kept] == [tag_for(4), tag_for(5)]  # nothing from step 6 on
+    assert [d.name for d in kept] == [tag_for(2), tag_for(4), tag_for(5)]  # nothing from step 6 on, nothing pruned
     assert all(weights_finite(d) for d in kept) and verify(good) is None
     report("train.lr=1e6 from step 5, ZeRO-2, on_nonfinite=stop, keep_last=1 (resumed run)", 3, seconds,
            f"{tag_for(4)} (last good), {tag_for(5)}")
@@ -136,10 +140,11 @@ def test_skip_mode_skips_overflowing_steps_then_stops_after_max_skipped(recipe, 
 def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it(recipe, straight, tmp_path):
     run = copy_until(straight, tmp_path, 4)
     log = tmp_path / "log"
+    since = time.time()
     cli = start("run", recipe, "--out", run, "--resume", "auto", "train.steps=400", "launch.timeout_s=30",
                 "checkpoint.every=1000", log=log)
     try:
-        wait_for(lambda: any(r["step"] > 4 for r in records(run)), what="a step after the resume")
+        wait_for(training(run, since, 4), what="a step after the resume")
         assert status(run)["state"] == "running" and status(run)["pid"] == cli.pid  # this attempt's status
         victim = rank_process(cli, 1)
         victim.send_signal(signal.SIGSTOP)
@@ -174,8 +179,8 @@ def test_a_rank_killed_during_zero3_model_construction_does_not_hang_the_other(r
         cli.kill()
     output = log.read_text()
     assert code == 1, output[-3000:]
-    assert seconds < 60
-    assert f"rank 1 (PID {victim.pid}) ended first" in output
+    assert seconds < 20  # the watchdog ends the survivor 5 s after a rank is gone
+    assert f"rank 1 (PID {victim.pid}) died (killed, or crashed without a word) first" in output
     assert status(run)["state"] == "failed"
     report("SIGKILL rank 1 during ZeRO-3 model construction", code, seconds, "nothing (no checkpoint yet)")
 
@@ -183,9 +188,10 @@ def test_a_rank_killed_during_zero3_model_construction_does_not_hang_the_other(r
 def test_second_sigterm_stops_at_once_and_a_second_run_on_the_folder_is_refused(recipe, straight, tmp_path):
     run = copy_until(straight, tmp_path, 4)
     log = tmp_path / "log"
+    since = time.time()
     cli = start("run", recipe, "--out", run, "--resume", "auto", "train.steps=400", "checkpoint.every=3", log=log)
     try:
-        wait_for(lambda: any(r["step"] > 6 for r in records(run)), what="steps after the resume")
+        wait_for(training(run, since, 6), what="steps after the resume")
         second = llmtrain("run", recipe, "--out", run, "--resume", "auto", check=False)
         assert second.returncode == 2 and f"PID {cli.pid}" in second.stderr
         cli.send_signal(signal.SIGTERM)

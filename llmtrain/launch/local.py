@@ -121,6 +121,8 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
             if watchdog and outcome.hung is None and (reason := watchdog.watch(_workers(proc.pid))):
                 outcome.hung = reason
                 _kill_group(proc.pid)
+            elif watchdog and watchdog.survivors_stuck():
+                _kill_group(proc.pid)  # a failure, not a hang: the rank that died is named
             time.sleep(0.2)  # often enough to tell which rank ended first
         outcome.code = proc.returncode
         # The launcher is gone; a rank it could not end (stopped, stuck) must not outlive the job.

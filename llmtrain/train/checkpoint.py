@@ -190,10 +190,7 @@ def remove_partial(ckpt_dir: Path) -> list[Path]:
 
 
 def checkpoint_bytes(tag_dir: Path) -> int:
-    """Size of a checkpoint on disk (from its manifest when it has one)."""
-    files = read_meta(tag_dir).get("files")
-    if files:
-        return sum(f["size"] for f in files.values())
+    """Size of a checkpoint on disk (its files as they are: a damaged marker must not matter)."""
     return sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
 
 

@@ -139,6 +139,8 @@ class Worker:
         deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=r.launch.timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.heartbeat = Heartbeat(run_dir, self.rank)
+        global _HEARTBEAT
+        _HEARTBEAT = self.heartbeat
         if slurm and self.rank == 0:  # no CLI around srun to say so
             write_status(run_dir, "running", step=None, steps=r.train.steps)
         unlink_deepspeed_shm()
@@ -208,6 +210,9 @@ class Worker:
         ckpt_dir = self.run_dir / "checkpoints"
         tag = tag_for(self.step)
         if self.rank == 0:
+            # A folder of this step from an abandoned later attempt (this run resumed from an
+            # older checkpoint): replace it whole, so no old file or marker outlives the save.
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
             self._warn_if_no_room(ckpt_dir, tag)
         states = [None] * self.world
         dist.all_gather_object(states, rng_state())
@@ -621,10 +626,16 @@ def exit_skipping_finalizers(code: int) -> None:
     """Leave the process without interpreter finalization. DeepSpeed and gloo keep C++ threads
     alive past destroy_process_group; now and then one is still joinable while Python tears down,
     and the rank dies with "terminate called without an active exception" (SIGABRT) after a run
-    that finished. Everything we own is flushed and closed by this point."""
+    that finished. Everything we own is flushed and closed by this point. The heartbeat file says
+    the rank ended, with its code (the launcher's watchdog reads it)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    if _HEARTBEAT is not None:
+        _HEARTBEAT.close(code)
     os._exit(code)
+
+
+_HEARTBEAT: Heartbeat | None = None  # this rank's, once it has one
 
 
 if __name__ == "__main__":
