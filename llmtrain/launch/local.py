@@ -126,7 +126,9 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
             time.sleep(0.2)  # often enough to tell which rank ended first
         outcome.code = proc.returncode
         # The launcher is gone; a rank it could not end (stopped, stuck) must not outlive the job.
-        _wait_group_gone(proc.pid, grace_s=10.0)
+        # After our SIGKILL nothing is left to wait for (the kernel ends them; zombies do not run).
+        if outcome.hung is None and outcome.interrupted is None:
+            _wait_group_gone(proc.pid, grace_s=10.0)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -154,7 +156,15 @@ def _workers(pid: int) -> list[psutil.Process]:
 
 
 def _is_worker(cmdline: list[str]) -> bool:
-    return any(part == WORKER_MODULE or part.endswith("llmtrain/train/__main__.py") for part in cmdline)
+    """A rank itself, not a launcher that names the worker module among its own arguments (a
+    signal meant for the ranks must not reach DeepSpeed's launcher, which would send its own)."""
+    args = cmdline[1:]
+    for i, arg in enumerate(args):  # the interpreter's options, then `-m MODULE` or a script
+        if arg == "-m":
+            return args[i + 1:i + 2] == [WORKER_MODULE]
+        if not arg.startswith("-"):
+            return arg.endswith("llmtrain/train/__main__.py")
+    return False
 
 
 def _wait_group_gone(pgid: int, grace_s: float) -> None:
