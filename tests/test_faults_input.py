@@ -52,14 +52,14 @@ def test_deepspeed_config_contradicting_recipe_keys_is_refused_listing_both(tmp_
 def test_every_value_in_the_slurm_script_reaches_bash_unchanged(tmp_path):
     """Hostile paths and overrides: bash must read back exactly what was given, running nothing."""
     canary = tmp_path / "ran"
-    recipe = tmp_path / f"r $(touch {canary}) '\"`x`;.yaml"
+    recipe = tmp_path / "r\ntouch ran\n $(touch ran) '\"`touch ran`;.yaml"  # bash runs in tmp_path
     overrides = [f"data.source=a b; touch {canary}", "name=$(touch x)", "train.lr='1e-3'"]
     text = render(recipe=recipe, overrides=overrides, run_dir=tmp_path / "run", nodes=1, gpus_per_node=2,
                   job_name="job", python=f"/opt/py thon/$(touch {canary})")
-    assignments = "\n".join(line for line in text.splitlines() if line.startswith(("RECIPE=", "RUN_DIR=", "OVERRIDES=")))
-    script = assignments + '\nprintf "%s\\n" "$RECIPE" "$RUN_DIR" "${OVERRIDES[@]}"\n'
-    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == [str(recipe.absolute()), str((tmp_path / "run").absolute()), *overrides,
+    header = text.split('echo "llmtrain: job')[0]  # comments, #SBATCH lines, variables: safe to run
+    script = header + '\nprintf "%s\\0" "$RECIPE" "$RUN_DIR" "${OVERRIDES[@]}"\n'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert out.split("\0")[:-1] == [str(recipe.absolute()), str((tmp_path / "run").absolute()), *overrides,
                                 "launch.nodes=1", "launch.ranks_per_node=2"]
     assert not canary.exists()
     with pytest.raises(UserError, match="--out"):
