@@ -6,6 +6,8 @@ printed as it is, and hand-written `[default: ...]` notes stay in the help.
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import List, Literal, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from llmtrain import __version__
 from llmtrain.errors import UserError, problems_error, user_errors
@@ -73,7 +76,7 @@ def run(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="recipe YAML file"),
     overrides: Optional[List[str]] = OVERRIDES,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder [default: runs/<name>-<time>]"),
-    resume: Optional[str] = typer.Option(None, help="'auto' (newest complete checkpoint in --out, if any) or a checkpoint/run folder"),
+    resume: Optional[str] = typer.Option(None, help="'auto' (newest intact checkpoint in --out, if any) or a checkpoint/run folder"),
     stop_after: Optional[int] = typer.Option(None, min=1, help="run this many steps of the schedule, save and exit"),
     hostfile: Optional[Path] = typer.Option(None, help="multi-node: DeepSpeed hostfile ('HOST slots=N' per line); "
                                             "sets launch.nodes and launch.ranks_per_node"),
@@ -83,13 +86,20 @@ def run(
                                        "e.g. '--include node1 --ssh_port 2222'"),
     prepare_only: bool = typer.Option(False, help="prepare data, the run folder and (on a new world size) the universal "
                                       "checkpoint, then exit; launch/slurm.sbatch runs this before srun"),
+    allow_data_change: bool = typer.Option(False, help="resume on a corpus other than the checkpoint's (same tokenizer)"),
+    force: bool = typer.Option(False, help="launch even when the estimated memory per rank exceeds the device's"),
 ):
     """Train: prepare data, launch one worker per rank, checkpoint, evaluate.
 
     Stop any time with Ctrl-C, SIGTERM or SIGUSR1: the step finishes, a checkpoint is saved, and
     the run continues with --resume auto, on the same or another number of ranks (another world
-    size goes through a DeepSpeed universal checkpoint, converted automatically). Multi-node:
+    size goes through a DeepSpeed universal checkpoint, converted automatically). A second Ctrl-C
+    or SIGTERM ends every rank at once, keeping the last complete checkpoint. Multi-node:
     --hostfile hosts --launcher pdsh (see launch/README.md).
+
+    Exit codes: 0 complete or stopped and saved; 1 failed; 2 bad input (nothing started);
+    3 diverged (non-finite loss, gradients or weights); 124 a rank stopped responding for
+    launch.timeout_s; 128+N ended by a second signal N. status.yaml in the run folder says the same.
 
     Examples (after `llmtrain recipe copy tiny my-tiny.yaml`):
 
@@ -98,49 +108,147 @@ def run(
       llmtrain run my-tiny.yaml train.steps=14 --out runs/tiny --resume auto
       llmtrain run my-tiny.yaml head.type=cce deepspeed.zero_stage=3 --out runs/tiny-z3 --stop-after 2
     """
-    from llmtrain.train.checkpoint import check_compatible, read_meta, resolve_resume
-    from llmtrain.data.prepare import prepare_data
-    from llmtrain.launch.local import hostfile_command, local_command, run_launcher, worker_args
+    from llmtrain.launch.lock import LOCK_NAME, RunLock
     from llmtrain.recipe import load_recipe
-    from llmtrain.train.universal import checkpoint_to_load
 
     recipe = load_recipe(recipe_path, overrides or [])
     launcher_cmd_args = _multinode_options(recipe, hostfile, launcher, deepspeed_args)
     out = out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    checkpoint = resolve_resume(resume, out)
-    if resume is None and out.exists() and any(out.iterdir()):
+    if resume is None and out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise UserError(f"--out {out}: the folder holds an earlier run; continue it with --resume auto, "
                         "or choose another --out (nothing was changed)")
+    with RunLock(out) as lock:
+        code = _run_locked(recipe, out, lock, resume=resume, stop_after=stop_after, hostfile=hostfile,
+                           launcher_cmd_args=launcher_cmd_args, prepare_only=prepare_only,
+                           allow_data_change=allow_data_change, force=force)
+        if code > 128:  # a second signal: leave now, without the interpreter's slow teardown of torch
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    raise typer.Exit(code)
+
+
+def _run_locked(recipe, out: Path, lock, *, resume, stop_after, hostfile, launcher_cmd_args, prepare_only,
+                allow_data_change, force) -> int:
+    """Everything `run` does while it holds the run folder's lock; returns the exit code."""
+    from llmtrain.data.prepare import prepare_data
+    from llmtrain.launch.local import hostfile_command, local_command, run_launcher, worker_args
+    from llmtrain.train.checkpoint import RESUME_FROM, check_compatible, read_meta, remove_partial, resolve_resume
+    from llmtrain.train.heartbeat import clear_heartbeats
+    from llmtrain.train.metrics import truncate_after
+    from llmtrain.train.status import write_status
+    from llmtrain.train.universal import checkpoint_to_load
+
+    warn = lambda text: err.print(text, highlight=False, soft_wrap=True)  # noqa: E731
+    checkpoint = resolve_resume(resume, out, warn=warn)
     prep = prepare_data(recipe.data, recipe.tokenizer, recipe.model.seq_len, log=err.print)
     if recipe.model.hf:
         from llmtrain.model.hf import check_before_launch
 
         check_before_launch(recipe.model.hf, prep.vocab_size, weights=checkpoint is None)
+    if not force:
+        _check_memory(recipe, prep.vocab_size)
     if checkpoint is None and recipe.temperature.enabled and recipe.temperature.mode == "frozen_body":
         from llmtrain.train.init_from import resolve_init_from
 
         recipe.temperature.init_from = str(resolve_init_from(recipe, prep.tokenizer_hash))
     if checkpoint is not None:
         meta = read_meta(checkpoint)
-        check_compatible(meta, recipe.identity(), prep.tokenizer_hash, checkpoint)
+        check_compatible(meta, recipe.identity(), prep.tokenizer_hash, checkpoint, corpus_hash=prep.corpus_hash,
+                         corpus=recipe.data.source, allow_data_change=allow_data_change)
         _note_batch_change(meta, recipe)
+        truncate_after(out / "metrics.jsonl", meta["step"])
         checkpoint = checkpoint_to_load(checkpoint, recipe.world_size, recipe.deepspeed.zero_stage,
                                         may_convert=True, log=err.print)
         err.print(f"resuming from {checkpoint} (step {meta['step']}, saved by {meta['world_size']} ranks)")
-    out.mkdir(parents=True, exist_ok=True)
+    for partial in remove_partial(out / "checkpoints"):
+        warn(f"removed {partial}: a save that never finished (no llmtrain.json)")
     (out / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     (out / "data.json").write_text(prep.to_json())
     if prepare_only:
+        # srun's ranks resolve --resume auto themselves: point them at the checkpoint verified here.
+        (out / RESUME_FROM).unlink(missing_ok=True)
+        if checkpoint is not None:
+            (out / RESUME_FROM).write_text(f"{checkpoint}\n")
         err.print(f"prepared {out} for {recipe.world_size} ranks")
-        raise typer.Exit(0)
-    args = worker_args(out, checkpoint, stop_after)
+        return 0
+    args = worker_args(out, checkpoint, stop_after, allow_data_change)
     cmd = hostfile_command(recipe, hostfile, *launcher_cmd_args, args) if hostfile else local_command(recipe, args)
-    code = run_launcher(cmd, recipe.launch.ranks_per_node)
-    status_file = out / "status.yaml"
-    if code != 0 and not status_file.exists():
-        err.print(f"training failed (launcher exit code {code}); see the output above. Run folder: {out}")
-        raise typer.Exit(1)
-    raise typer.Exit(0)
+    clear_heartbeats(out)
+    write_status(out, "running", step=None, steps=recipe.train.steps, started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 pid=os.getpid(), resumed_from=str(checkpoint) if checkpoint else None)
+    outcome = run_launcher(cmd, recipe.launch.ranks_per_node, run_dir=out, world_size=recipe.world_size,
+                           timeout_s=recipe.launch.timeout_s, keep_fds=(lock.fd,))
+    return _conclude(out, outcome)
+
+
+def _conclude(out: Path, outcome) -> int:
+    """The exit code of a launched run, with status.yaml made to say the same."""
+    import signal
+
+    from llmtrain.train.checkpoint import complete_checkpoints, remove_partial
+    from llmtrain.train.status import EXIT_DIVERGED, EXIT_FAILED, EXIT_HUNG, read_status, write_status
+
+    status = read_status(out)
+    state = status.get("state")
+    if outcome.code == 0 and outcome.hung is None and outcome.interrupted is None and state in ("complete", "stopped"):
+        return 0
+    for partial in remove_partial(out / "checkpoints"):
+        err.print(f"removed {partial}: a save that did not finish", highlight=False, soft_wrap=True)
+    kept = complete_checkpoints(out / "checkpoints")
+    last = str(kept[-1]) if kept else None
+    if outcome.interrupted is not None:
+        name = signal.Signals(outcome.interrupted).name
+        code, new_state, reason = 128 + outcome.interrupted, "interrupted", f"a second {name}: every rank was ended at once"
+    elif outcome.hung is not None:
+        code, new_state, reason = EXIT_HUNG, "hung", f"the job stopped making progress: {outcome.hung}; every rank was ended"
+    elif state == "diverged":
+        err.print(Text.assemble(("diverged", "bold red"), f": {status.get('reason')}"))
+        return EXIT_DIVERGED
+    elif outcome.code == 2 and state == "running":
+        return 2  # the ranks refused the input; they printed why
+    elif state == "failed":
+        code, new_state, reason = EXIT_FAILED, "failed", status.get("reason")
+    else:
+        culprit = f"; {outcome.culprit}" if outcome.culprit else ""
+        code, new_state, reason = EXIT_FAILED, "failed", f"the ranks failed (launcher exit code {outcome.code}){culprit}"
+    write_status(out, new_state, reason=reason, step=status.get("step"), steps=status.get("steps"), checkpoint=last,
+                 exit_code=code)
+    err.print(Text.assemble((f"training {new_state}", "bold red"), f": {reason}. Last complete checkpoint: "
+                            f"{last or 'none'}. Run folder: {out}"))
+    return code
+
+
+def _check_memory(recipe, vocab_size: int) -> None:
+    """Refuse a recipe whose estimated memory per rank (llmtrain profile's model) exceeds the
+    device's total memory, naming what would fit; --force skips this."""
+    from llmtrain.train.memory import format_bytes
+
+    try:
+        from llmtrain.profile.estimate import estimate_recipe, fixes_for_recipe
+
+        need = estimate_recipe(recipe, vocab_size).total
+    except Exception as e:  # noqa: BLE001  (an estimate that fails must not block training)
+        err.print(f"note: no memory estimate for this recipe ({e}); launching without the check")
+        return
+    have, where = _device_memory(recipe.launch.ranks_per_node)
+    if need <= have:
+        return
+    fixes = fixes_for_recipe(recipe, vocab_size, recipe.world_size, have)
+    fit = "; ".join(f"{f.change} ({format_bytes(f.total)})" for f in fixes) or "nothing found among the usual changes"
+    raise UserError(f"the estimated memory per rank is {format_bytes(need)} (llmtrain profile's model), more than "
+                    f"{where} ({format_bytes(have)}). What would fit: {fit}. Check with `llmtrain profile RECIPE`, or "
+                    "pass --force to launch anyway")
+
+
+def _device_memory(ranks_per_node: int) -> tuple[int, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "the GPU's total memory"
+    import psutil
+
+    return psutil.virtual_memory().total // ranks_per_node, f"this machine's RAM shared by {ranks_per_node} ranks"
 
 
 def _multinode_options(recipe, hostfile: Path | None, launcher: str | None, deepspeed_args: str):
@@ -205,6 +313,39 @@ def checkpoint_universal(
     tag_dir = find_checkpoint(run_dir)
     out = convert(tag_dir, log=err.print)
     print(out)
+
+
+@checkpoint_app.command("verify")
+@user_errors
+def checkpoint_verify(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="run folder, its checkpoints/ folder, or one checkpoint"),
+):
+    """Check every checkpoint of RUN_DIR against its manifest (each file's size and SHA-256).
+
+    One line per checkpoint: ok, unverified (saved before manifests existed) or BAD with the file
+    at fault. Exit 0 when none is bad, 1 otherwise. `--resume auto` skips bad ones by itself."""
+    from llmtrain.train.checkpoint import META, has_manifest, tag_dirs, verify
+
+    if (run_dir / META).is_file():
+        found = [run_dir]
+    else:
+        found = tag_dirs(run_dir / "checkpoints") or tag_dirs(run_dir)
+        found += tag_dirs(run_dir / "checkpoints" / "universal")
+    if not found:
+        raise UserError(f"{run_dir}: no checkpoints there; pass a run folder, its checkpoints/ folder or one checkpoint")
+    bad = 0
+    for tag_dir in found:
+        problem = verify(tag_dir)
+        if problem:
+            bad += 1
+            print(f"BAD         {tag_dir}: {problem}")
+        elif not has_manifest(tag_dir):
+            print(f"unverified  {tag_dir} (saved without a manifest by an older llmtrain)")
+        else:
+            print(f"ok          {tag_dir}")
+    if bad:
+        err.print(Text(f"{bad} of {len(found)} checkpoints failed verification", "bold red"))
+        raise typer.Exit(1)
 
 
 @launch_app.command("slurm")

@@ -105,6 +105,11 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 (DeepSpeed bf16 mode, fp32 master weights)")
     seed: int = Field(1234, description="seeds the model init, the data order and every RNG")
     log_every: int = Field(10, ge=1, description="steps between metric records")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss or gradient norm, or a step DeepSpeed skipped for overflow: stop "
+        "(save nothing, exit 3 naming the step and the last good checkpoint) or skip the step (its update is not "
+        "applied) and go on")
+    max_skipped: int = Field(10, ge=1, description="with on_nonfinite=skip: stop after this many skipped steps in a row")
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -145,6 +150,9 @@ class LaunchConfig(Section):
     nodes: int = Field(1, ge=1, description="nodes (more than 1 needs --hostfile or SLURM)")
     launcher: Literal["deepspeed", "torchrun"] = Field("deepspeed", description="process launcher for local runs")
     master_port: int | None = Field(None, ge=1024, le=65535, description="rendezvous port (default: a free one)")
+    timeout_s: int = Field(
+        600, ge=5, description="longest a rank may go without progress (a step, an eval pass, a checkpoint save, "
+        "or start-up) before the whole job is ended: the collective timeout and the launcher's watchdog")
 
 
 class HeadSection(BaseModel):
@@ -214,8 +222,13 @@ class TemperatureConfig(Section):
         return {**self.network_options(), "mode": self.mode}
 
 
+# A run name goes into file names (runs/<name>-<time>) and the SLURM script: no separators, no shell.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
 class Recipe(Section):
-    name: str | None = Field(None, description="run name (default: the recipe file's name)")
+    name: str | None = Field(None, description="run name: letters, digits, '_', '.', '-' (up to 100, not starting "
+                             "with '.' or '-'; default: the recipe file's name)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     head: HeadSection = Field(default_factory=HeadSection)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -316,6 +329,67 @@ def _shown(value: Any) -> str:
         return "a number too long to print"
 
 
+def safe_name(text: str) -> str:
+    """A run name made from free text (a file or folder name): unsafe characters become '-'."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", text).lstrip(".-")[:100] or "run"
+
+
+def input_problems(recipe: Recipe) -> list[str]:
+    """Checks of what a user hands in, beyond the schema; recipes stored in runs and checkpoints
+    by older versions are not re-judged by them."""
+    problems = []
+    if recipe.name is not None and not SAFE_NAME.match(recipe.name):
+        problems.append(f"name: {recipe.name!r} is not a safe run name; use letters, digits, '_', '.' and '-' only "
+                        "(up to 100 characters, starting with a letter or digit): it becomes part of file names and "
+                        "the SLURM script")
+    problems += [f"{c} (set the recipe key instead)" for c in deepspeed_config_conflicts(recipe)]
+    return problems
+
+
+def deepspeed_config_conflicts(recipe: Recipe) -> list[str]:
+    """Keys of the raw `deepspeed.config` that set, to another value, what a validated recipe key
+    decides: "deepspeed.config.X=a contradicts recipe.key=b" for each. The same value is allowed."""
+    t, d, raw = recipe.train, recipe.deepspeed, recipe.deepspeed.config
+    owned = {
+        ("zero_optimization", "stage"): ("deepspeed.zero_stage", d.zero_stage),
+        ("zero_optimization", "offload_optimizer", "device"): ("deepspeed.offload_optimizer", d.offload_optimizer),
+        ("zero_optimization", "offload_param", "device"): ("deepspeed.offload_param", d.offload_param),
+        ("train_micro_batch_size_per_gpu",): ("train.micro_batch", t.micro_batch),
+        ("gradient_accumulation_steps",): ("train.grad_accum", t.grad_accum),
+        ("train_batch_size",): ("train.micro_batch × train.grad_accum × ranks", t.micro_batch * t.grad_accum * recipe.world_size),
+        ("gradient_clipping",): ("train.grad_clip", t.grad_clip),
+        ("optimizer", "params", "lr"): ("train.lr", t.lr),
+        ("optimizer", "params", "weight_decay"): ("train.weight_decay", t.weight_decay),
+        ("optimizer", "params", "betas"): ("train.betas", list(t.betas)),
+        ("bf16", "enabled"): ("train.precision", t.precision == "bf16"),
+        ("fp16", "enabled"): ("train.precision", False),
+    }
+    conflicts = []
+    for path, (key, value) in owned.items():
+        node: Any = raw
+        for part in path:
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT and _normalized(node) != _normalized(value):
+            shown = t.precision if key == "train.precision" else value
+            conflicts.append(f"deepspeed.config.{'.'.join(path)}={node!r} contradicts {key}={shown!r}")
+    if "scheduler" in raw:
+        conflicts.append("deepspeed.config.scheduler contradicts train.lr/min_lr/warmup_steps (llmtrain sets the LR "
+                         "every step)")
+    return conflicts
+
+
+_ABSENT = object()
+
+
+def _normalized(value: Any) -> Any:
+    """Compare 3 with 3.0 and a tuple with a list; 'none' offload with a missing one."""
+    if isinstance(value, (list, tuple)):
+        return [_normalized(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 # ---------------------------------------------------------------------------- loading and errors
 
 
@@ -334,7 +408,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (model, head, data, train, ...)")
-    raw.setdefault("name", path.stem)
+    raw.setdefault("name", safe_name(path.stem))
     return validate_recipe(raw, overrides, source=str(path))
 
 
@@ -355,6 +429,7 @@ def validate_recipe(raw: dict[str, Any], overrides: Sequence[str] = (), source: 
     recipe = None
     try:
         recipe = Recipe.model_validate(raw)
+        errors += input_problems(recipe)
     except ValidationError as e:
         errors += [_describe(err, Recipe) for err in e.errors()]
     head_errors = _head_errors(raw.get("head") or {}, raw.get("model") or {})

@@ -1,9 +1,10 @@
-"""Builds and runs the launcher command that starts one worker per rank, and forwards stop signals
-so that every rank saves before the job ends."""
+"""Builds and runs the launcher command that starts one worker per rank, forwards stop signals so
+that every rank saves before the job ends, and ends a job whose ranks stop making progress."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -26,12 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_args(run_dir: Path, resume: Path | None, stop_after: int | None) -> list[str]:
+def worker_args(run_dir: Path, resume: Path | None, stop_after: int | None, allow_data_change: bool = False) -> list[str]:
     args = [str(run_dir)]
     if resume is not None:
         args += ["--resume", str(resume)]
     if stop_after is not None:
         args += ["--stop-after", str(stop_after)]
+    if allow_data_change:
+        args.append("--allow-data-change")
     return args
 
 
@@ -76,13 +79,33 @@ def worker_env(ranks_per_node: int) -> dict[str, str]:
     return env
 
 
-def run_launcher(cmd: list[str], ranks_per_node: int) -> int:
+@dataclasses.dataclass
+class LaunchOutcome:
+    code: int  # the launcher's exit code
+    hung: str | None = None  # the watchdog ended the job: why, naming the rank
+    culprit: str | None = None  # a rank seen stopped or ending first
+    interrupted: int | None = None  # a second stop signal ended the job at once: its number
+
+
+def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = None, world_size: int = 1,
+                 timeout_s: float | None = None, keep_fds: tuple[int, ...] = ()) -> LaunchOutcome:
     """Run the launcher in its own process group and wait for it. A SIGINT/SIGTERM/SIGUSR1 sent
-    to us goes to the workers only (they finish the step, save and exit 0, and the launcher then
-    exits cleanly); we return once every process of the group is gone."""
-    proc = subprocess.Popen(cmd, env=worker_env(ranks_per_node), start_new_session=True)
+    to us goes to the workers only (they finish the step, save and exit 0); a second SIGINT/SIGTERM
+    kills the whole group at once (an unfinished save stays invisible: its marker is written last).
+    With `run_dir` and `timeout_s`, a watchdog kills the group when the ranks' heartbeats stop.
+    We return once every process of the group is gone."""
+    from llmtrain.launch.watchdog import Watchdog
+
+    proc = subprocess.Popen(cmd, env=worker_env(ranks_per_node), start_new_session=True, pass_fds=keep_fds)
+    outcome = LaunchOutcome(code=0)
+    signals_seen = []
 
     def forward(signum, frame):
+        signals_seen.append(signum)
+        if len(signals_seen) > 1 and signum != signal.SIGUSR1:
+            outcome.interrupted = signum
+            _kill_group(proc.pid)
+            return
         workers = _workers(proc.pid)
         for w in workers:
             with contextlib.suppress(psutil.Error):
@@ -91,14 +114,32 @@ def run_launcher(cmd: list[str], ranks_per_node: int) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
 
+    watchdog = Watchdog(run_dir, world_size, timeout_s) if run_dir is not None and timeout_s else None
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
-        code = proc.wait()
-        _wait_group_gone(proc.pid)
+        while proc.poll() is None:
+            if watchdog and outcome.hung is None and (reason := watchdog.watch(_workers(proc.pid))):
+                outcome.hung = reason
+                _kill_group(proc.pid)
+            elif watchdog and watchdog.survivors_stuck():
+                _kill_group(proc.pid)  # a failure, not a hang: the rank that died is named
+            time.sleep(0.2)  # often enough to tell which rank ended first
+        outcome.code = proc.returncode
+        # The launcher is gone; a rank it could not end (stopped, stuck) must not outlive the job.
+        # After our SIGKILL nothing is left to wait for (the kernel ends them; zombies do not run).
+        if outcome.hung is None and outcome.interrupted is None:
+            _wait_group_gone(proc.pid, grace_s=10.0)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return code
+    if watchdog:
+        outcome.culprit = watchdog.culprit
+    return outcome
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _workers(pid: int) -> list[psutil.Process]:
@@ -115,13 +156,26 @@ def _workers(pid: int) -> list[psutil.Process]:
 
 
 def _is_worker(cmdline: list[str]) -> bool:
-    return any(part == WORKER_MODULE or part.endswith("llmtrain/train/__main__.py") for part in cmdline)
+    """A rank itself, not a launcher that names the worker module among its own arguments (a
+    signal meant for the ranks must not reach DeepSpeed's launcher, which would send its own)."""
+    args = cmdline[1:]
+    for i, arg in enumerate(args):  # the interpreter's options, then `-m MODULE` or a script
+        if arg == "-m":
+            return args[i + 1:i + 2] == [WORKER_MODULE]
+        if not arg.startswith("-"):
+            return arg.endswith("llmtrain/train/__main__.py")
+    return False
 
 
-def _wait_group_gone(pgid: int) -> None:
-    while True:
+def _wait_group_gone(pgid: int, grace_s: float) -> None:
+    """Wait for the group to empty; past the grace, kill what is left, then give up after a few
+    seconds more (an unreaped zombie, in a container without an init, never leaves)."""
+    deadline = time.time() + grace_s
+    while time.time() < deadline + 5:
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return
+        if time.time() > deadline:
+            _kill_group(pgid)
         time.sleep(0.2)

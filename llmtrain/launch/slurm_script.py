@@ -1,6 +1,9 @@
 """The sbatch script for a recipe (`llmtrain launch slurm`): one srun task per GPU, preemption-safe.
 
 How a job runs:
+Every value in the shell part is quoted (shlex.quote); the #SBATCH lines, which cannot be quoted,
+take only names and paths of safe characters (checked here).
+
 1. One process on the first node prepares the data, the run folder and, when the world size or
    ZeRO stage changed since the last checkpoint, its universal copy (`llmtrain run --prepare-only`).
 2. `srun` starts one worker per GPU; each maps SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS /
@@ -23,6 +26,7 @@ from llmtrain.errors import UserError
 # SLURM's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 TIME_FORMAT = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2})$")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")
 
 
 def check_time(value: str | None) -> None:
@@ -63,6 +67,11 @@ def sbatch_lines(account: str | None, qos: str | None, constraint: str | None, e
     return lines
 
 
+def one_line(text: str) -> str:
+    """Text for a comment line: a newline in it would start a shell line."""
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def render(*, recipe: Path, overrides: list[str], run_dir: Path, nodes: int, gpus_per_node: int, job_name: str,
            python: str, partition: str | None = None, time_limit: str | None = None, warn_seconds: int = 180,
            cpus_per_task: int | None = None, account: str | None = None, qos: str | None = None,
@@ -73,6 +82,13 @@ def render(*, recipe: Path, overrides: list[str], run_dir: Path, nodes: int, gpu
     if partition is not None and not SAFE_NAME.match(partition):
         raise UserError(f"--partition {partition!r}: not a SLURM partition name")
     extra = sbatch_lines(account, qos, constraint, list(extra_lines))
+    if not SAFE_NAME.match(job_name):
+        raise UserError(f"name {job_name!r}: a SLURM job name of letters, digits, '_', '.', '-' only")
+    # #SBATCH lines are not shell: they cannot be quoted, so their paths must need no quoting.
+    log_dir = run_dir.parent.absolute()
+    if not SAFE_PATH.match(str(log_dir / run_dir.name)):
+        raise UserError(f"--out {run_dir}: the SLURM log is written beside it, and its path may hold only letters, "
+                        "digits, '/', '_', '.', '-' and '+' (no spaces, quotes, '%' or newlines); choose another --out")
     q = shlex.quote
     sbatch = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={gpus_per_node}",
               f"--gpus-per-node={gpus_per_node}"]
@@ -83,12 +99,12 @@ def render(*, recipe: Path, overrides: list[str], run_dir: Path, nodes: int, gpu
     if time_limit:
         sbatch.append(f"--time={time_limit}")
     sbatch += extra
-    sbatch += ["--requeue", "--open-mode=append", f"--output={run_dir.parent.absolute() / (run_dir.name + '-slurm-%j.out')}",
+    sbatch += ["--requeue", "--open-mode=append", f"--output={log_dir / (run_dir.name + '-slurm-%j.out')}",
                f"--signal=B:USR1@{warn_seconds}"]
     header = "\n".join(f"#SBATCH {line}" for line in sbatch)
     all_overrides = " ".join(q(o) for o in [*overrides, f"launch.nodes={nodes}", f"launch.ranks_per_node={gpus_per_node}"])
     return f"""#!/bin/bash
-# Written by `llmtrain launch slurm` for {recipe.name}: {nodes} node(s) x {gpus_per_node} GPU(s), one srun task per GPU.
+# Written by `llmtrain launch slurm` for {one_line(recipe.name)}: {nodes} node(s) x {gpus_per_node} GPU(s), one srun task per GPU.
 # Submit with `sbatch THIS_FILE`. Preemption-safe: USR1 (sent {warn_seconds} s before the time limit) and TERM
 # (scancel, preemption) make every rank save and exit; an unfinished run requeues this job, which resumes.
 {header}

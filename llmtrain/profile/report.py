@@ -171,10 +171,11 @@ def _hf_recipe(folder: Path) -> dict[str, Any]:
     longest the model takes."""
     from llmtrain.model.hf import read_hf_folder
     from llmtrain.profile.estimate import hf_recipe
+    from llmtrain.recipe import safe_name
 
     config = read_hf_folder(folder, key="--hf").config
     longest = getattr(config, "max_position_embeddings", None) or 8192
-    return hf_recipe(folder, folder.name, seq_len=min(8192, int(longest)))
+    return hf_recipe(folder, safe_name(folder.name), seq_len=min(8192, int(longest)))
 
 
 def recipe_vocab(recipe) -> int:

@@ -12,14 +12,29 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from llmtrain.errors import UserError
 from llmtrain.train.memory import format_bytes
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Drop records past `step`: a resumed run re-logs the steps after its checkpoint."""
+    """Drop records past `step`: a resumed run re-logs the steps after its checkpoint. A last line
+    torn by a crash mid-write is dropped too (with a note); damage anywhere else is an error."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}: line {i + 1} is not JSON ({line[:60]!r}); repair or remove that line, "
+                                "then resume") from None
+            print(f"note: {path}: dropped a torn last line ({line[:60]!r}), left by a run that ended mid-write",
+                  file=sys.stderr, flush=True)
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 

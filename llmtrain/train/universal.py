@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from llmtrain.train.checkpoint import META, read_meta, write_meta
+from llmtrain.train.checkpoint import META, manifest, read_meta, write_meta
 from llmtrain.errors import UserError
 
 UNIVERSAL_DIR = "universal"
@@ -79,7 +79,7 @@ def convert(tag_dir: Path, log: Callable[[str], None] = print) -> Path:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise UserError(f"{tag_dir}: DeepSpeed's ds_to_universal failed (exit {proc.returncode}); nothing was "
                         f"changed. Its last lines:\n{tail}")
-    write_meta(out, {**meta, "universal": True, "converted_from": str(tag_dir)})
+    write_meta(out, {**meta, "universal": True, "converted_from": str(tag_dir), "files": manifest(out)})
     return out
 
 

@@ -3,7 +3,13 @@
 It reads everything from the run folder the CLI prepared (recipe.resolved.yaml, data.json), builds
 the model and the DeepSpeed engine, and trains: LR as a pure function of the step, evaluation,
 checkpoints with every rank's RNG state and the sampler position, and a clean stop on
-SIGTERM/SIGINT/SIGUSR1 (finish the step, save, exit 0).
+SIGTERM/SIGINT/SIGUSR1 (finish the step, save, exit 0; a second SIGINT/SIGTERM exits at once).
+
+Faults: a non-finite loss, gradient norm or weight, or a step DeepSpeed skipped, is agreed on by
+every rank each step (train.on_nonfinite: stop, or skip up to train.max_skipped in a row); no
+checkpoint is saved unless every weight is finite. Collectives time out after launch.timeout_s,
+and each rank's heartbeat lets the launcher's watchdog end a job whose ranks stopped. A save that
+fails for lack of space removes its partial folder and ends the job with "no space left on device".
 
 Under `srun` (`--slurm`) it maps SLURM's task variables to the ones torch.distributed reads.
 """
@@ -12,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import errno
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -29,7 +38,8 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 import torch.distributed as dist
 import yaml
 
-from llmtrain.train.checkpoint import prune, resolve_resume, tag_for, write_meta
+from llmtrain.train.checkpoint import (checkpoint_bytes, checkpoint_files, complete_checkpoints, file_entry, prune,
+                                       resolve_resume, tag_for, write_meta)
 from llmtrain.data.packing import load_split
 from llmtrain.data.prepare import PreparedData
 from llmtrain.data.sampler import ResumableSampler
@@ -37,7 +47,9 @@ from llmtrain.data.tokenizer import token_bytes
 from llmtrain.errors import UserError
 from llmtrain.heads.temperature import attach_temperature
 from llmtrain.train.init_from import load_module_weights, resolve_init_from
-from llmtrain.train.memory import memory_source, oom_snapshot, peak_bytes
+from llmtrain.train.heartbeat import Heartbeat
+from llmtrain.train.memory import format_bytes, memory_source, oom_snapshot, peak_bytes
+from llmtrain.train.status import EXIT_DIVERGED, EXIT_FAILED, write_status
 from llmtrain.model.language_model import LanguageModel, count_parameters
 from llmtrain.recipe import Recipe
 from llmtrain.train.slurm_env import rank_env
@@ -78,7 +90,8 @@ def build_model(recipe: Recipe, vocab_size: int, ds_config: dict, load_weights: 
 
 
 class StopFlag:
-    """Set by a stop signal; ranks agree on it at step boundaries so all of them save together."""
+    """Set by a stop signal; ranks agree on it at step boundaries so all of them save together.
+    A second SIGINT/SIGTERM means "now": the rank exits at once (a save it was in stays invisible)."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -86,22 +99,33 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.signal_name and signum != signal.SIGUSR1:
+            os.write(2, f"second {signal.Signals(signum).name}: exiting now without saving\n".encode())
+            os._exit(128 + signum)
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.signal_name else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def agree(stop: bool, bad: bool) -> tuple[bool, bool]:
+    """One collective per step: has any rank been asked to stop, has any seen a non-finite value."""
+    flags = torch.tensor([float(stop), float(bad)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0].item()), bool(flags[1].item())
+
+
+class Diverged(Exception):
+    """Training produced non-finite values: nothing more is saved, the run exits 3."""
 
 
 class Worker:
-    def __init__(self, run_dir: Path, resume: str | None, stop_after: int | None, slurm: bool = False):
+    def __init__(self, run_dir: Path, resume: str | None, stop_after: int | None, slurm: bool = False,
+                 allow_data_change: bool = False):
         import deepspeed
 
         self.run_dir = run_dir
         self.recipe = Recipe.model_validate(yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text()))
         self.data = PreparedData.from_json((run_dir / "data.json").read_text())
         self.stop_after = stop_after
+        self.allow_data_change = allow_data_change
         self.stop = StopFlag()
 
         r = self.recipe
@@ -111,8 +135,14 @@ class Worker:
                 raise UserError(f"SLURM_NTASKS={os.environ['WORLD_SIZE']} but the recipe has launch.nodes × "
                                 f"launch.ranks_per_node = {r.world_size}; submit with matching --nodes and "
                                 "--ntasks-per-node (llmtrain launch slurm writes both)")
-        deepspeed.init_distributed(verbose=False)
+        # A collective that waits longer than this raises instead of blocking for ever.
+        deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=r.launch.timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.heartbeat = Heartbeat(run_dir, self.rank)
+        global _HEARTBEAT
+        _HEARTBEAT = self.heartbeat
+        if slurm and self.rank == 0:  # no CLI around srun to say so
+            write_status(run_dir, "running", step=None, steps=r.train.steps)
         unlink_deepspeed_shm()
         checkpoint = self._resolve_checkpoint(resume)
         self.device = torch.device(deepspeed.get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
@@ -139,8 +169,12 @@ class Worker:
         self.train_seconds = 0.0  # wall time inside training steps: compares heads at equal time
         # A distinct stream per rank for anything random during training (dropout, sampling).
         seed_all(r.train.seed * 1000 + 17 + self.rank)
+        # Checkpoints saved by this attempt not yet followed by a finite step; the newest that was.
+        self.unconfirmed: list[Path] = []
+        self.confirmed: Path | None = checkpoint
         if checkpoint is not None:
             self._load(checkpoint)
+        self.heartbeat.beat()
 
     def _add_temperature(self, model: LanguageModel, resume: Path | None) -> None:
         """Attach the network after the body and head are initialized, so they get the same
@@ -163,30 +197,104 @@ class Worker:
         """`--resume auto` (srun starts workers directly, without the CLI) or a folder; its universal
         copy when this world size or ZeRO stage differs from the saved one. Only the CLI (or the
         preparing step of launch/slurm.sbatch) converts: every rank must load the same folder."""
-        tag_dir = resolve_resume(resume, self.run_dir)
+        # The CLI verified checksums already (or, under srun, the preparing step): sizes here.
+        tag_dir = resolve_resume(resume, self.run_dir, checksums=False,
+                                 warn=print if self.rank == 0 else lambda _: None)
         if tag_dir is None:
             return None
         return checkpoint_to_load(tag_dir, self.world, self.recipe.deepspeed.zero_stage, may_convert=False)
 
     def _save(self) -> Path:
+        """Save a checkpoint on every rank; rank 0 seals it with the manifest (every file's size and
+        SHA-256, hashed by all ranks in turn) once all files are written and fsynced. Weights that
+        are not all finite are never saved (Diverged)."""
+        if not self._weights_finite():
+            raise Diverged("non-finite weights")
         ckpt_dir = self.run_dir / "checkpoints"
         tag = tag_for(self.step)
+        if self.rank == 0:
+            # A folder of this step from an abandoned later attempt (this run resumed from an
+            # older checkpoint): replace it whole, so no old file or marker outlives the save.
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+            self._warn_if_no_room(ckpt_dir, tag)
         states = [None] * self.world
         dist.all_gather_object(states, rng_state())
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
                   "sampler": self.sampler.state_dict(),
                   "rng": states, "world_size": self.world, "universal_checkpoint_info": {}}
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
-        dist.barrier()
+        try:
+            self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+            dist.barrier()
+            names = checkpoint_files(ckpt_dir / tag)
+            mine = {name: file_entry(ckpt_dir / tag / name) for name in names[self.rank::self.world]}
+        except Exception as e:  # noqa: BLE001  (disk full is reported; anything else re-raised)
+            self._save_failed(ckpt_dir / tag, e)
+            raise
+        parts = [None] * self.world
+        dist.all_gather_object(parts, mine)
         if self.rank == 0:
             write_meta(ckpt_dir / tag, {
                 "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
                 "identity": self.recipe.identity(), "tokenizer_hash": self.data.tokenizer_hash,
+                "corpus_hash": self.data.corpus_hash,
                 "recipe": self.recipe.model_dump(mode="json"), "saved_at": time.time(),
+                "files": dict(sorted((name, entry) for part in parts for name, entry in part.items())),
             })
-            prune(ckpt_dir, self.recipe.checkpoint.keep_last)
         dist.barrier()
+        self.heartbeat.beat()
+        self.unconfirmed.append(ckpt_dir / tag)
         return ckpt_dir / tag
+
+    def _confirm_checkpoints(self) -> None:
+        """A step after a save came out finite: the saved weights were sound, and older checkpoints
+        may now be pruned. Pruning waits for this because a step can leave huge but finite weights
+        that only the next step shows to be broken: the checkpoint before it must survive."""
+        if not self.unconfirmed:
+            return
+        self.confirmed = self.unconfirmed[-1]
+        self.unconfirmed = []
+        if self.rank == 0:
+            prune(self.run_dir / "checkpoints", self.recipe.checkpoint.keep_last)
+
+    def _weights_finite(self) -> bool:
+        """Every rank checks its share of the weights (its ZeRO-3 partition, or every world-th
+        parameter), and all agree."""
+        params = list(self.engine.module.parameters())
+        if self.recipe.deepspeed.zero_stage == 3:
+            local = [p.ds_tensor for p in params if hasattr(p, "ds_tensor")]
+        else:
+            local = [p.data for p in params[self.rank::self.world]]
+        ok = all(bool(torch.isfinite(t).all()) for t in local if t.numel())
+        flag = torch.tensor([float(ok)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _warn_if_no_room(self, ckpt_dir: Path, tag: str) -> None:
+        done = complete_checkpoints(ckpt_dir)
+        if not done:
+            return
+        need, free = checkpoint_bytes(done[-1]), shutil.disk_usage(ckpt_dir).free
+        if need > free:
+            print(f"warning: checkpoint {tag} needs about {format_bytes(need)} (the size of {done[-1].name}) but only "
+                  f"{format_bytes(free)} is free on the device holding {ckpt_dir}; the save may fail (older "
+                  "checkpoints are kept)", file=sys.stderr, flush=True)
+
+    def _save_failed(self, tag_dir: Path, error: Exception) -> None:
+        """A save that ran out of space: remove the partial checkpoint (it would never be resumed),
+        say so with the path, record the failure and end this rank (the launcher ends the others).
+        Any other error is left to propagate."""
+        if not disk_full(error, tag_dir.parent):
+            return
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        kept = complete_checkpoints(tag_dir.parent)
+        message = (f"no space left on device while saving checkpoint {tag_dir} (rank {self.rank}); the partial "
+                   f"checkpoint was removed; the last complete one, {kept[-1] if kept else 'none'}, is kept. Free space "
+                   "there, then continue with --resume auto")
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            write_status(self.run_dir, "failed", reason=message, step=self.step, steps=self.recipe.train.steps,
+                         checkpoint=str(kept[-1]) if kept else None)
+        exit_skipping_finalizers(EXIT_FAILED)
 
     def _load(self, tag_dir: Path) -> None:
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
@@ -197,7 +305,14 @@ class Worker:
         self._repair_optimizer_after_load(hyper)
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.train_seconds = client.get("train_seconds", 0.0)
-        self.sampler.load_state_dict(client["sampler"])
+        try:
+            self.sampler.load_state_dict(client["sampler"])
+        except UserError:
+            if not self.allow_data_change:
+                raise
+            if self.rank == 0:  # another corpus: its own order from the start, the step count goes on
+                print("note: --allow-data-change: the data changed size; its order starts from the beginning",
+                      file=sys.stderr, flush=True)
         # RNG streams are per rank: on another world size they cannot be matched, so they stay
         # freshly seeded. The model has no dropout, so no training step draws from them today.
         if client.get("world_size") == self.world:
@@ -286,63 +401,132 @@ class Worker:
         end = r.train.steps if self.stop_after is None else min(r.train.steps, self.step + self.stop_after)
         reason, last_saved = "complete", None
         window_start, window_tokens = time.perf_counter(), 0
+        skipped_in_a_row = 0
         peak_bytes(reset=True)
-        while self.step < end:
-            step_start = time.perf_counter()
-            loss, head_metrics = self._train_step(lr_at(self.step, r.train), temperature_lr_at(self.step, r))
-            self.train_seconds += time.perf_counter() - step_start
-            self.step += 1
-            self.tokens_seen += global_tokens
-            window_tokens += global_tokens
-            stopping = self.stop.agreed()
-            if self.step % r.train.log_every == 0 or self.step == end or stopping:
-                dist.all_reduce(loss)
-                now = time.perf_counter()
-                record = {"step": self.step, "loss": loss.item() / self.world, "lr": lr_at(self.step - 1, r.train),
-                          "tokens_seen": self.tokens_seen, "train_s": round(self.train_seconds, 3),
-                          "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                          "peak_mem_bytes": self._peak_memory(), **self._reduce_metrics(head_metrics)}
-                if r.temperature.enabled:  # read back from the optimizer: the LR the network trains at
-                    record["lr_temperature"] = next(g["lr"] for g in self.engine.optimizer.param_groups
-                                                    if g.get("lr_kind") == "temperature")
-                if sink:
-                    sink.log(record)
-                window_start, window_tokens = time.perf_counter(), 0
-            if self.step % r.eval.every == 0 or self.step == r.train.steps:
-                record = {"step": self.step, "train_s": round(self.train_seconds, 3), **self.evaluate()}
-                if sink:
-                    sink.log(record)
-                window_start = time.perf_counter()  # tokens/s measures training, not eval
-            if self.step % r.checkpoint.every == 0 or self.step == end or stopping:
+        try:
+            while self.step < end:
+                step_start = time.perf_counter()
+                loss, head_metrics, problem = self._train_step(lr_at(self.step, r.train), temperature_lr_at(self.step, r))
+                self.train_seconds += time.perf_counter() - step_start
+                self.step += 1
+                self.tokens_seen += global_tokens
+                window_tokens += global_tokens
+                self.heartbeat.beat()
+                stopping, bad = agree(self.stop.signal_name is not None, problem is not None)
+                diverged = None
+                if bad:  # every rank takes this branch: the flag was agreed
+                    problem = problem or "non-finite values on another rank"
+                    skipped_in_a_row += 1
+                    if r.train.on_nonfinite == "stop":
+                        diverged = problem
+                    elif not self._weights_finite():  # ZeRO-3 applies non-finite fp32 gradients
+                        diverged = f"{problem}, and the step was applied (non-finite weights)"
+                    elif skipped_in_a_row >= r.train.max_skipped:
+                        diverged = f"{problem}; {skipped_in_a_row} steps in a row skipped (train.max_skipped)"
+                    elif sink:
+                        sink.message(f"[yellow]warning[/]: step {self.step} skipped: {problem}")
+                else:
+                    skipped_in_a_row = 0
+                    self._confirm_checkpoints()
+                if self.step % r.train.log_every == 0 or self.step == end or stopping or bad:
+                    dist.all_reduce(loss)
+                    now = time.perf_counter()
+                    record = {"step": self.step, "loss": loss.item() / self.world, "lr": lr_at(self.step - 1, r.train),
+                              "tokens_seen": self.tokens_seen, "train_s": round(self.train_seconds, 3),
+                              "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                              "peak_mem_bytes": self._peak_memory(), **self._reduce_metrics(head_metrics)}
+                    if bad:
+                        record["skipped"] = True
+                    if r.temperature.enabled:  # read back from the optimizer: the LR the network trains at
+                        record["lr_temperature"] = next(g["lr"] for g in self.engine.optimizer.param_groups
+                                                        if g.get("lr_kind") == "temperature")
+                    if sink:
+                        sink.log(record)
+                    window_start, window_tokens = time.perf_counter(), 0
+                if diverged:
+                    raise Diverged(diverged)
+                if self.step % r.eval.every == 0 or self.step == r.train.steps:
+                    record = {"step": self.step, "train_s": round(self.train_seconds, 3), **self.evaluate()}
+                    if sink:
+                        sink.log(record)
+                    self.heartbeat.beat()
+                    window_start = time.perf_counter()  # tokens/s measures training, not eval
+                if self.step % r.checkpoint.every == 0 or self.step == end or stopping:
+                    last_saved = self._save()
+                    window_start = time.perf_counter()
+                if stopping:
+                    reason = f"stopped by {self.stop.signal_name or 'a signal on another rank'}"
+                    break
+            if self.step < r.train.steps and reason == "complete":
+                reason = f"stopped after {self.stop_after} steps (--stop-after)"
+            if last_saved is None and self.step > 0:
                 last_saved = self._save()
-                window_start = time.perf_counter()
-            if stopping:
-                reason = f"stopped by {self.stop.signal_name or 'a signal on another rank'}"
-                break
-        if self.step < r.train.steps and reason == "complete":
-            reason = f"stopped after {self.stop_after} steps (--stop-after)"
-        if last_saved is None and self.step > 0:
-            last_saved = self._save()
+            self._confirm_checkpoints()  # the run ends here: its last step was checked already
+        except Diverged as e:
+            if sink:
+                sink.close()
+            self._report_divergence(str(e))
+            return EXIT_DIVERGED
         if sink:
             sink.close()
             self._report(reason, last_saved)
         return 0
 
-    def _train_step(self, lr: float, temperature_lr: float) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    def _train_step(self, lr: float, temperature_lr: float) -> tuple[torch.Tensor, dict[str, list[float]], str | None]:
+        """One optimizer step; also what was non-finite in it on this rank (None: nothing). Under
+        ZeRO-1/2 DeepSpeed skips a step whose gradients overflow; under ZeRO-0 we do (the
+        gradients are dropped before the optimizer sees them)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = temperature_lr if group.get("lr_kind") == "temperature" else lr
         total = torch.zeros(())
         metrics: dict[str, list[float]] = {}
         accum = self.recipe.train.grad_accum
+        skipped_before = self.engine.skipped_steps
+        problem = None
         for _ in range(accum):
             block = self.train_blocks[self.sampler.next_indices()].to(self.device)
             out = self.engine(block[:, :-1], block[:, 1:])
             self.engine.backward(out.loss)
+            if self.recipe.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                problem = problem or self._drop_nonfinite_gradients()
             self.engine.step()
             total += out.loss.detach().float().cpu()
             for key, value in out.metrics.items():
                 metrics.setdefault(key, []).append(value)
-        return total / accum, metrics
+        loss = total / accum
+        norm = self.engine.get_global_grad_norm()
+        if not math.isfinite(loss.item()):
+            problem = f"non-finite loss ({loss.item()})"
+        elif norm is not None and not math.isfinite(float(norm)):
+            problem = problem or f"non-finite gradient norm ({float(norm)})"
+        elif self.engine.skipped_steps > skipped_before:
+            problem = problem or "DeepSpeed skipped the step (gradient overflow)"
+        return loss, metrics, problem
+
+    def _drop_nonfinite_gradients(self) -> str | None:
+        """ZeRO-0 applies whatever gradients it has: drop non-finite ones so the step is skipped
+        (parameters without a gradient are left alone by the optimizer)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        norm = float(torch.nn.utils.get_total_norm(grads))
+        if math.isfinite(norm):
+            return None
+        for p in self.engine.module.parameters():
+            p.grad = None
+        return f"non-finite gradient norm ({norm})"
+
+    def _report_divergence(self, problem: str) -> None:
+        last = str(self.confirmed) if self.confirmed else None
+        later = [d.name for d in self.unconfirmed]
+        doubt = (f" ({', '.join(later)}, saved after it, may hold damaged weights: the step after the save "
+                 "diverged)") if later else ""
+        message = (f"diverged at step {self.step}: {problem}; nothing was saved from step {self.step} on "
+                   f"(train.on_nonfinite={self.recipe.train.on_nonfinite}); last good checkpoint: {last or 'none'}{doubt}")
+        if self.rank == 0:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            write_status(self.run_dir, "diverged", reason=message, step=self.step, steps=self.recipe.train.steps,
+                         checkpoint=last)
 
     def _reduce_metrics(self, metrics: dict[str, list[float]]) -> dict[str, float]:
         """The head's metrics of one step over micro-steps and ranks: *_min by min, *_max by max,
@@ -367,9 +551,9 @@ class Worker:
         return int(peak.item())
 
     def _report(self, reason: str, saved: Path | None) -> None:
-        status = {"reason": reason, "step": self.step, "steps": self.recipe.train.steps,
-                  "checkpoint": str(saved) if saved else None, "memory_source": memory_source()}
-        (self.run_dir / "status.yaml").write_text(yaml.safe_dump(status, sort_keys=False))
+        write_status(self.run_dir, "complete" if reason == "complete" else "stopped", reason=reason, step=self.step,
+                     steps=self.recipe.train.steps, checkpoint=str(saved) if saved else None,
+                     memory_source=memory_source())
         print(f"{reason} at step {self.step}/{self.recipe.train.steps}; run folder {self.run_dir}", flush=True)
         if self.step < self.recipe.train.steps:
             print(f"resume with: llmtrain run {self.run_dir / 'recipe.resolved.yaml'} --out {self.run_dir} --resume auto",
@@ -387,19 +571,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--resume", default=None, help="checkpoint folder to continue from, or 'auto'")
     parser.add_argument("--stop-after", type=int, default=None)
+    parser.add_argument("--allow-data-change", action="store_true", help="resume on another corpus")
     parser.add_argument("--slurm", action="store_true", help="started by srun: map SLURM_* to RANK, WORLD_SIZE, ...")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
     args = parser.parse_args(argv)
     try:
-        worker = Worker(args.run_dir, args.resume, args.stop_after, slurm=args.slurm)
+        worker = Worker(args.run_dir, args.resume, args.stop_after, slurm=args.slurm,
+                        allow_data_change=args.allow_data_change)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return UserError.exit_code
-    with oom_snapshot(worker.run_dir, worker.rank):  # CUDA: dump allocator history on OOM
-        code = worker.train()
+    try:
+        with oom_snapshot(worker.run_dir, worker.rank):  # CUDA: dump allocator history on OOM
+            code = worker.train()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return UserError.exit_code
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on device: {e.filename or args.run_dir} (rank {worker.rank})", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     dist.barrier()
     dist.destroy_process_group()
     return code
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """Did a write into `folder` fail for lack of space? torch.save reports ENOSPC as a bare
+    "basic_ios::clear: iostream error" or "file write failed", so the free space decides too."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < 64 * 2**20
+    except OSError:
+        return False
 
 
 def unlink_deepspeed_shm() -> None:
@@ -420,10 +629,16 @@ def exit_skipping_finalizers(code: int) -> None:
     """Leave the process without interpreter finalization. DeepSpeed and gloo keep C++ threads
     alive past destroy_process_group; now and then one is still joinable while Python tears down,
     and the rank dies with "terminate called without an active exception" (SIGABRT) after a run
-    that finished. Everything we own is flushed and closed by this point."""
+    that finished. Everything we own is flushed and closed by this point. The heartbeat file says
+    the rank ended, with its code (the launcher's watchdog reads it)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    if _HEARTBEAT is not None:
+        _HEARTBEAT.close(code)
     os._exit(code)
+
+
+_HEARTBEAT: Heartbeat | None = None  # this rank's, once it has one
 
 
 if __name__ == "__main__":
