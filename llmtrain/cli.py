@@ -6,7 +6,6 @@ printed as it is, and hand-written `[default: ...]` notes stay in the help.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
