@@ -39,7 +39,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for stage in map(int, args.stages.split(",")):
             overrides = [*args.overrides, f"deepspeed.zero_stage={stage}", f"train.steps={args.steps}",
-                         "train.log_every=1", f"checkpoint.every={args.steps * 10}", f"eval.every={args.steps * 10}"]
+                         "train.log_every=1", "train.warmup_steps=1", f"checkpoint.every={args.steps * 10}", f"eval.every={args.steps * 10}"]
             report = Path(tmp) / f"profile-{stage}.json"
             head_type = load_recipe(args.recipe, overrides).head.type
             cli("profile", args.recipe, *overrides, "--heads", head_type, "--no-measure", "--json", str(report))
