@@ -76,9 +76,9 @@ def _run_child_args(args: list[str], expected: int, timeout: float) -> list[dict
 
 @functools.lru_cache(maxsize=8)
 def runtime_bytes(hf: str | None = None, timeout: float = 120) -> int | None:
-    """Resident bytes of a training rank before it holds a tensor of the model: the interpreter,
-    torch, DeepSpeed and llmtrain imported, and a Hugging Face body's modeling code, measured in a
-    fresh process. A CPU rank's resident set carries them beside the tensors the estimate counts;
+    """Resident bytes of a training rank's code: the interpreter, torch (with torch._dynamo, which
+    DeepSpeed's engine loads), DeepSpeed and llmtrain imported, and a Hugging Face body's modeling
+    code, measured in a fresh process. A CPU rank's resident set carries them beside the tensors the estimate counts;
     a GPU allocator's figure does not. None when the measuring process fails."""
     result = _run_child_args(["--runtime", *([hf] if hf else [])], 1, timeout)[0]
     return result.get("bytes")
@@ -317,7 +317,9 @@ def _runtime(hf: str | None) -> dict:
     from llmtrain.train.memory import resident_bytes
 
     with _quiet_deepspeed_import():
-        for module in ("deepspeed", "llmtrain.train.worker"):  # what a rank has loaded before its model
+        # what a rank has loaded by its first optimizer step: DeepSpeed's engine brings in
+        # torch._dynamo (~140 MiB), which a Hugging Face body's transformers has loaded already
+        for module in ("deepspeed", "llmtrain.train.worker", "torch._dynamo"):
             importlib.import_module(module)
     if hf:
         from llmtrain.model.hf import empty_causal_lm, read_hf_folder
