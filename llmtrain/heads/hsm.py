@@ -4,9 +4,9 @@
 
 With C clusters a training token costs O((C + |c(w)|)·D) instead of O(V·D). The output weight W
 is one [V, D] parameter whose rows are ordered by cluster, so each cluster's tokens are one
-contiguous slice; training sorts the tokens by their target's cluster and runs one matmul per
-cluster present in the batch (forward and backward in a custom autograd Function that writes the
-gradient of W slice by slice, never a per-slice full-size gradient). The cluster table lives in
+contiguous slice; training scores each token against its cluster's rows in a few batched
+matmuls over fixed windows of W (see `_tiles`; forward and backward in a custom autograd Function
+that writes the gradient of W into one dense tensor, never a per-window full-size gradient). The cluster table lives in
 buffers and travels with the state dict; loading checks it against the vocabulary.
 """
 
@@ -59,17 +59,24 @@ class _Tiles(NamedTuple):
 
 
 def _window_size(vocab_size: int, n_clusters: int) -> int:
-    """A quarter of the mean cluster: a token's pairs overlap its cluster by ≈ s / (s + L) = 80%."""
-    return min(vocab_size, max(WINDOW_MIN, math.ceil(vocab_size / n_clusters / 4)))
+    """The mean cluster size: a token pairs with one or two windows (one when the clusters are
+    equal and aligned, as in the default table), and few rows are gathered per window."""
+    return min(vocab_size, max(WINDOW_MIN, math.ceil(vocab_size / n_clusters)))
+
+
+# What gathering one overflow tile's window costs, in slots of work (copying L·D weights, then
+# reading them again, against L·D multiply-adds per slot on memory-bound skinny products).
+GATHER_COST = 64
 
 
 def _tile_size(counts: torch.Tensor, n_main: int) -> int:
-    """Slots per tile minimizing the padded work: T·(main windows + overflow tiles)."""
+    """Slots per tile minimizing the padded work of all tiles plus the gathering of the overflow."""
     most = max(int(counts.max()), 1)
     best, best_cost, t = 1, math.inf, 1
     while True:
         tiles = torch.div(counts + t - 1, t, rounding_mode="floor")
-        cost = t * (tiles[:n_main].clamp(min=1).sum() + tiles[n_main:].sum()).item()
+        gathered = ((tiles[:n_main] - 1).clamp(min=0).sum() + tiles[n_main:].sum()).item()
+        cost = t * (n_main + gathered) + GATHER_COST * gathered
         if cost < best_cost:
             best, best_cost = t, cost
         if t >= most:
@@ -109,8 +116,9 @@ def _tiles(lo: torch.Tensor, hi: torch.Tensor, target_row: torch.Tensor, window:
     own_lo = torch.arange(n_windows, device=dev) * L
     row_lo = torch.zeros(n_tiles * T, dtype=torch.long, device=dev).index_copy_(0, slot, torch.maximum(lo[tok], own_lo[win]))
     row_hi = torch.zeros_like(row_lo).index_copy_(0, slot, torch.minimum(hi[tok], own_lo[win] + L))
-    rows = start.repeat_interleave(T)[:, None] + torch.arange(L, device=dev)
-    valid = ((rows >= row_lo[:, None]) & (rows < row_hi[:, None])).view(n_tiles, T, L)
+    slot_start = start.repeat_interleave(T)
+    col = torch.arange(L, device=dev)
+    valid = ((col >= (row_lo - slot_start)[:, None]) & (col < (row_hi - slot_start)[:, None])).view(n_tiles, T, L)
     # The target's pair is the one of the window that owns its row.
     target_win = torch.div(target_row, L, rounding_mode="floor")
     pair_of = torch.empty_like(order)
@@ -127,7 +135,10 @@ def _batched_mm(x: torch.Tensor, weight: torch.Tensor, tiles: _Tiles, transpose:
     gathered = weight[tiles.start[m:, None] + torch.arange(L, device=weight.device)]
     if transpose:
         main, gathered = main.transpose(1, 2), gathered.transpose(1, 2)
-    return torch.cat([torch.bmm(x[:m], main), torch.bmm(x[m:], gathered)])
+    out = x.new_empty(x.shape[0], x.shape[1], main.shape[2])
+    torch.bmm(x[:m], main, out=out[:m])
+    torch.bmm(x[m:], gathered, out=out[m:])
+    return out
 
 
 def _within_scores(hidden, weight, tiles: _Tiles):
