@@ -183,10 +183,11 @@ class _WithinClusterNLL(torch.autograd.Function):
         dscores.view(-1).index_add_(0, tiles.target, -g)
         dscores = dscores.to(weight.dtype)
         grad_hidden = grad_weight = None
-        if need_hidden:
+        if need_hidden:  # a token's slots summed in fp32
             per_slot = _batched_mm(dscores, weight, tiles, transpose=False).float()
             grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device).index_add_(
                 0, tiles.token.view(-1), per_slot.flatten(0, 1)).to(hidden.dtype)
+            del per_slot  # before the slots' hidden states are gathered again
         if need_weight:
             L, m = tiles.valid.shape[2], tiles.n_main
             slots = hidden[tiles.token]
@@ -444,13 +445,23 @@ class HsmHead(Head):
     @classmethod
     def transient_bytes(cls, options, n_tokens, hidden_size, vocab_size, dtype):
         # Cluster scores as the softmax head's logits (input dtype, fp32 copy, log-softmax, its
-        # gradient); the within-cluster probabilities kept for backward, assuming targets spread
-        # over clusters of the mean size; the sorted hidden states, their gradient and ∂hidden.
+        # gradient); the kept hidden states, their gradient (accumulated in fp32) and ∂hidden;
+        # per slot of the batched layout its hidden state or its ∂hidden (fp32 copies below fp32);
+        # per score cell the kept probabilities, their gradient and the mask. The slots assume
+        # targets spread over the vocabulary: a window's pairs are a Poisson count, padded to 3σ.
         n_clusters, _ = _checked_sizes(options, vocab_size)
         b = dtype_bytes(dtype)
+        wide = 0 if dtype == torch.float32 else 4
         per_score = 3 * 4 if dtype == torch.float32 else 2 * b + 3 * 4
-        mean_size = math.ceil(vocab_size / n_clusters)
-        return n_tokens * (n_clusters * per_score + mean_size * 4 + 3 * hidden_size * b)
+        window = _window_size(vocab_size, n_clusters)
+        n_windows = math.ceil(vocab_size / window)
+        # The default table's clusters of the window's size start on a window (one pair per
+        # token); the others, and all after a shortlist, straddle two windows.
+        aligned = 0.0 if options.shortlist else (vocab_size % n_clusters or n_clusters) / n_clusters
+        per_window = n_tokens * (2 - aligned) / n_windows
+        slots = n_windows * (math.ceil(per_window + 2 * math.sqrt(per_window)) + 1)
+        return (n_tokens * (n_clusters * per_score + hidden_size * (b + 4 + wide))
+                + slots * hidden_size * (b + wide) + slots * window * (9 + (2 if wide else 0)))
 
 
 def _checked_sizes(options: HsmOptions, vocab_size: int) -> tuple[int, int]:
