@@ -237,7 +237,7 @@ def test_bad_options_and_inputs_name_the_problem():
         head.topk(torch.randn(2, 12), 98)
 
 
-# --- the batched within-cluster scores ---------------------------------------------------------------
+# --- every cluster's contribution, the memory model ---------------------------------------------------------------
 
 
 def _rel_err(x, ref):
@@ -245,20 +245,18 @@ def _rel_err(x, ref):
 
 
 @pytest.mark.parametrize("dtype, allowance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_every_window_and_tile_reaches_loss_and_gradients(dtype, allowance):
-    """Zipf-drawn targets pile onto the frequent clusters, so windows overflow their first tile
-    into gathered tiles; 300 rows in windows of 17 leave a tail window; the large rare clusters
-    span several windows. Loss, ∇h, ∇U and ∇W against float64 per tensor (relative norm): a tile,
-    a window or a cluster whose contribution is dropped moves its tensor by far more."""
+def test_every_cluster_reaches_loss_and_gradients(dtype, allowance):
+    """Zipf-drawn targets pile onto the frequent clusters and leave some absent, over clusters
+    of unequal sizes. Loss, ∇h, ∇U and ∇W against float64 per tensor (relative norm): a cluster
+    whose contribution is dropped moves its tensor by far more than rounding does."""
     head = _head(V=300, counts=_zipf_counts(300), shortlist=4).to(dtype)
     g = torch.Generator().manual_seed(1)
     t = torch.multinomial(_zipf_counts(300).double(), 257, replacement=True, generator=g)
     t[::9] = IGNORE_INDEX
+    t[head.token_cluster[t.clamp(min=0)] == 5] = IGNORE_INDEX  # a cluster absent from the batch
     keep = t != IGNORE_INDEX
-    tiles = head._layout(head.token_cluster[t[keep]], head.token_row[t[keep]])
-    assert tiles.start.numel() > tiles.n_main + 1 and tiles.start[-1] == 300 - tiles.valid.shape[2]
-    off, L = head.cluster_offsets, tiles.valid.shape[2]
-    assert ((off[1:] - 1) // L - off[:-1] // L).max() >= 2  # a cluster spanning three windows
+    per_cluster = torch.bincount(head.token_cluster[t[keep]], minlength=head.n_clusters)
+    assert per_cluster.max() > 4 * per_cluster.float().mean() and per_cluster[5] == 0
     h = torch.randn(257, 12, generator=g).to(dtype).requires_grad_()
     out = head(h, t)
     out.loss.backward()
@@ -289,5 +287,6 @@ def test_transient_bytes_bounds_measured_peak(n, v, d, dtype):
     buffers = sum(b.numel() * b.element_size() for b in head.buffers())
     measured = peak - weights_and_grads - buffers - hidden.numel() * hidden.element_size()
     model = type(head).transient_bytes(head.options, n, d, v, dtype)
-    # bf16's fp32 copies do not all peak together: the model is an upper bound there, a loose one
-    assert measured <= model <= (1.3 if dtype == torch.float32 else 2.5) * measured, (measured, model)
+    # It assumes targets spread over clusters of the mean size, and sums terms that do not all
+    # peak together (1.4× at the two smaller fp32 shapes, 1.5× in bf16).
+    assert measured <= model <= 1.6 * measured, (measured, model)

@@ -4,16 +4,17 @@
 
 With C clusters a training token costs O((C + |c(w)|)·D) instead of O(V·D). The output weight W
 is one [V, D] parameter whose rows are ordered by cluster, so each cluster's tokens are one
-contiguous slice; training scores each token against its cluster's rows in a few batched
-matmuls over fixed windows of W (see `_tiles`; forward and backward in a custom autograd Function
-that writes the gradient of W into one dense tensor, never a per-window full-size gradient). The cluster table lives in
+contiguous slice; training sorts the tokens by their target's cluster and runs one matmul per
+cluster present in the batch (forward and backward in a custom autograd Function that writes the
+gradient of W slice by slice, never a per-slice full-size gradient). The cluster table lives in
 buffers and travels with the state dict; loading checks it against the vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,164 +40,71 @@ class HsmOptions(HeadOptions):
     shortlist: int = Field(0, ge=0, description="the most frequent tokens forming the first cluster (0: none)")
 
 
-# Within-cluster scores are batched over fixed windows of L weight rows: window w is rows
-# [wL, wL + L) (one more, rows [V − L, V), owns the tail when L does not divide V). A token is
-# paired with each window its cluster overlaps; the pairs of one window fill tiles of T slots.
-# Every main window's first tile is one bmm against a view of the weight (no copy); the tiles
-# that overflow it (windows with more than T pairs, and the tail window) gather their window's
-# rows, which costs little because T is chosen so that few do. No Python loop over clusters, and
-# one parallel region per bmm (a per-cluster GEMM each pays a thread synchronization).
-WINDOW_MIN = 16
+# A segment is one cluster present in a sorted batch: tokens start:end, weight rows lo:hi.
+Segment = tuple[int, int, int, int]
 
 
-class _Tiles(NamedTuple):
-    """Where each slot of the batched within-cluster scores comes from."""
-    token: torch.Tensor   # [tiles, T] index of the slot's token (0 for padding)
-    valid: torch.Tensor   # [tiles, T, L] the column's weight row is in the token's cluster (and owned by the window)
-    start: torch.Tensor   # [tiles] first weight row of the tile's window
-    target: torch.Tensor  # [n] flat index into [tiles, T, L] of each token's target score
-    n_main: int           # tiles 0..n_main-1 are the main windows, in order (a view of the weight)
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """One intra-op thread around the per-cluster loop on CPU. Its GEMMs are small (the few
+    tokens of one cluster against its rows): threads gain little there, and each call pays a
+    thread synchronization that costs milliseconds when the cores are shared (512 such GEMMs:
+    0.2 s on one thread, 6.6 s on two on this loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _window_size(vocab_size: int, n_clusters: int) -> int:
-    """The mean cluster size: a token pairs with one or two windows (one when the clusters are
-    equal and aligned, as in the default table), and few rows are gathered per window."""
-    return min(vocab_size, max(WINDOW_MIN, math.ceil(vocab_size / n_clusters)))
-
-
-# What gathering one overflow tile's window costs, in slots of work (copying L·D weights, then
-# reading them again, against L·D multiply-adds per slot on memory-bound skinny products).
-GATHER_COST = 64
-
-
-def _tile_size(counts: torch.Tensor, n_main: int) -> int:
-    """Slots per tile minimizing the padded work of all tiles plus the gathering of the overflow."""
-    most = max(int(counts.max()), 1)
-    best, best_cost, t = 1, math.inf, 1
-    while True:
-        tiles = torch.div(counts + t - 1, t, rounding_mode="floor")
-        gathered = ((tiles[:n_main] - 1).clamp(min=0).sum() + tiles[n_main:].sum()).item()
-        cost = t * (n_main + gathered) + GATHER_COST * gathered
-        if cost < best_cost:
-            best, best_cost = t, cost
-        if t >= most:
-            return best
-        t = min(most, max(t + 1, t * 5 // 4))
-
-
-def _tiles(lo: torch.Tensor, hi: torch.Tensor, target_row: torch.Tensor, window: int, vocab_size: int) -> _Tiles:
-    """The batched layout for tokens whose clusters are weight rows [lo, hi)."""
-    dev, L = lo.device, window
-    if lo.numel() == 0:
-        empty = torch.zeros(0, 1, dtype=torch.long, device=dev)
-        return _Tiles(empty, torch.zeros(0, 1, L, dtype=torch.bool, device=dev), empty[:, 0], empty[:, 0], 0)
-    n_main = vocab_size // L
-    n_windows = n_main + (vocab_size % L > 0)
-    first, last = lo // L, (hi - 1) // L
-    per_token = last - first + 1
-    tok = torch.repeat_interleave(torch.arange(lo.numel(), device=dev), per_token)
-    pair_start = per_token.cumsum(0) - per_token
-    win = first[tok] + torch.arange(tok.numel(), device=dev) - pair_start[tok]
-    order = torch.argsort(win, stable=True)
-    tok, win = tok[order], win[order]
-    counts = torch.bincount(win, minlength=n_windows)
-    T = _tile_size(counts, n_main)
-    rank = torch.arange(win.numel(), device=dev) - (counts.cumsum(0) - counts)[win]
-    is_main = (torch.arange(n_windows, device=dev) < n_main).long()
-    extra = (torch.div(counts + T - 1, T, rounding_mode="floor") - is_main).clamp(min=0)  # gathered tiles per window
-    extra_base = n_main + extra.cumsum(0) - extra
-    k = torch.div(rank, T, rounding_mode="floor")
-    tile = torch.where((win < n_main) & (k == 0), win, extra_base[win] + k - is_main[win])
-    n_tiles = n_main + int(extra.sum())
-    starts = torch.arange(n_windows, device=dev) * L
-    starts[n_main:] = vocab_size - L
-    start = torch.cat([starts[:n_main], torch.repeat_interleave(starts, extra)])
-    slot = tile * T + rank % T
-    token = torch.zeros(n_tiles * T, dtype=torch.long, device=dev).index_copy_(0, slot, tok)
-    own_lo = torch.arange(n_windows, device=dev) * L
-    row_lo = torch.zeros(n_tiles * T, dtype=torch.long, device=dev).index_copy_(0, slot, torch.maximum(lo[tok], own_lo[win]))
-    row_hi = torch.zeros_like(row_lo).index_copy_(0, slot, torch.minimum(hi[tok], own_lo[win] + L))
-    slot_start = start.repeat_interleave(T)
-    col = torch.arange(L, device=dev)
-    valid = ((col >= (row_lo - slot_start)[:, None]) & (col < (row_hi - slot_start)[:, None])).view(n_tiles, T, L)
-    # The target's pair is the one of the window that owns its row.
-    target_win = torch.div(target_row, L, rounding_mode="floor")
-    pair_of = torch.empty_like(order)
-    pair_of[order] = torch.arange(order.numel(), device=dev)
-    target_pair = pair_of[pair_start + target_win - first]
-    target = slot[target_pair] * L + target_row - start[tile[target_pair]]
-    return _Tiles(token.view(n_tiles, T), valid, start, target, n_main)
-
-
-def _batched_mm(x: torch.Tensor, weight: torch.Tensor, tiles: _Tiles, transpose: bool) -> torch.Tensor:
-    """x [tiles, T, ·] against each tile's window of weight rows: x·Wᵀ (scores) or x·W (∂hidden)."""
-    L, m = tiles.valid.shape[2], tiles.n_main
-    main = weight[: m * L].view(m, L, weight.shape[1])
-    gathered = weight[tiles.start[m:, None] + torch.arange(L, device=weight.device)]
-    if transpose:
-        main, gathered = main.transpose(1, 2), gathered.transpose(1, 2)
-    out = x.new_empty(x.shape[0], x.shape[1], main.shape[2])
-    torch.bmm(x[:m], main, out=out[:m])
-    torch.bmm(x[m:], gathered, out=out[m:])
-    return out
-
-
-def _within_scores(hidden, weight, tiles: _Tiles):
-    """[n] log-sum-exp over each token's cluster, and the masked [tiles, T, L] float32 scores."""
-    scores = _batched_mm(hidden[tiles.token], weight, tiles, transpose=True).float()
-    scores.masked_fill_(~tiles.valid, -math.inf)
-    token = tiles.token.view(-1)
-    peak = scores.new_full((hidden.shape[0],), -math.inf).scatter_reduce_(0, token, scores.amax(2).view(-1), "amax")
-    scores -= peak[tiles.token][..., None]
-    total = torch.zeros_like(peak).index_add_(0, token, scores.exp().sum(2).view(-1))
-    return total.log_(), scores  # both relative to peak
-
-
-def _within_forward(hidden, weight, tiles: _Tiles, keep_probs: bool):
-    """-log p(token | its cluster) [n] float32, and (when keep_probs) the within-cluster
-    probabilities [tiles, T, L] for the backward pass (0 at padding and outside the cluster)."""
-    lse, scores = _within_scores(hidden, weight, tiles)
-    nll = lse - scores.view(-1)[tiles.target]
-    if not keep_probs:
-        return nll, None
-    return nll, scores.sub_(lse[tiles.token][..., None]).exp_()
+def _within_forward(hidden, weight, positions, segments, keep_probs):
+    """-log p(token | its cluster) [n] float32 for hidden states sorted by cluster, and (when
+    keep_probs) each segment's within-cluster probabilities for the backward pass."""
+    nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    probs = []
+    with _one_thread(hidden.device):
+        for start, end, lo, hi in segments:
+            logp = torch.log_softmax((hidden[start:end] @ weight[lo:hi].T).float(), dim=1)
+            nll[start:end] = logp.gather(1, positions[start:end, None]).squeeze(1).neg()
+            if keep_probs:
+                probs.append(logp.exp_())
+    return nll, probs
 
 
 class _WithinClusterNLL(torch.autograd.Function):
-    """Per-token within-cluster NLL; backward writes ∂W of the main windows straight into one
-    dense tensor and adds the gathered tiles' rows to it."""
+    """Per-token within-cluster NLL; backward writes ∂W slice by slice into one dense tensor."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, tiles):
-        nll, probs = _within_forward(hidden, weight, tiles, keep_probs=True)
-        ctx.save_for_backward(hidden, weight, probs)
-        ctx.tiles = tiles
+    def forward(ctx, hidden, weight, positions, segments):
+        nll, probs = _within_forward(hidden, weight, positions, segments, keep_probs=True)
+        ctx.save_for_backward(hidden, weight, positions)
+        ctx.segments, ctx.probs = segments, probs
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
-        hidden, weight, probs = ctx.saved_tensors
-        tiles = ctx.tiles
+        hidden, weight, positions = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        g = grad_nll.float()
-        dscores = probs * g[tiles.token][..., None]
-        dscores.view(-1).index_add_(0, tiles.target, -g)
-        dscores = dscores.to(weight.dtype)
-        grad_hidden = grad_weight = None
-        if need_hidden:  # a token's slots summed in fp32
-            per_slot = _batched_mm(dscores, weight, tiles, transpose=False).float()
-            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device).index_add_(
-                0, tiles.token.view(-1), per_slot.flatten(0, 1)).to(hidden.dtype)
-            del per_slot  # before the slots' hidden states are gathered again
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        done = 0  # rows of grad_weight written so far; rows of absent clusters get zeros
+        with _one_thread(hidden.device):
+            for (start, end, lo, hi), p in zip(ctx.segments, ctx.probs):
+                g = grad_nll[start:end, None]
+                dlogits = (p * g).scatter_add_(1, positions[start:end, None], -g).to(weight.dtype)
+                if need_hidden:
+                    torch.mm(dlogits, weight[lo:hi], out=grad_hidden[start:end])
+                if need_weight:
+                    grad_weight[done:lo].zero_()
+                    torch.mm(dlogits.T, hidden[start:end], out=grad_weight[lo:hi])
+                done = hi
         if need_weight:
-            L, m = tiles.valid.shape[2], tiles.n_main
-            slots = hidden[tiles.token]
-            grad_weight = torch.empty_like(weight)
-            torch.bmm(dscores[:m].transpose(1, 2), slots[:m], out=grad_weight[: m * L].view(m, L, weight.shape[1]))
-            grad_weight[m * L:].zero_()
-            rows = (tiles.start[m:, None] + torch.arange(L, device=weight.device)).view(-1)
-            grad_weight.index_add_(0, rows, torch.bmm(dscores[m:].transpose(1, 2), slots[m:]).flatten(0, 1))
-        return grad_hidden, grad_weight, None
+            grad_weight[done:].zero_()
+        return grad_hidden, grad_weight, None, None
 
 
 class HsmHead(Head):
@@ -254,7 +162,6 @@ class HsmHead(Head):
         self.row_token[self.token_row] = torch.arange(self.vocab_size, device=offsets.device)
         self.row_cluster = torch.repeat_interleave(torch.arange(self.n_clusters, device=offsets.device), sizes)
         self._offsets = offsets.tolist()
-        self._window = _window_size(self.vocab_size, self.n_clusters)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         missing = [prefix + n for n in TABLE if prefix + n not in state_dict]
@@ -276,10 +183,16 @@ class HsmHead(Head):
 
     # --- training ---------------------------------------------------------------------------------
 
-    def _layout(self, clusters: torch.Tensor, target_rows: torch.Tensor) -> _Tiles:
-        """The batched layout of tokens in these clusters, with these target weight rows."""
-        offsets = self.cluster_offsets
-        return _tiles(offsets[clusters], offsets[clusters + 1], target_rows, self._window, self.vocab_size)
+    def _group(self, clusters: torch.Tensor) -> tuple[torch.Tensor, list[Segment]]:
+        """Order sorting tokens by cluster, and one segment per cluster present."""
+        order = torch.argsort(clusters, stable=True)
+        counts = torch.bincount(clusters, minlength=self.n_clusters).tolist()
+        segments, start = [], 0
+        for c, n in enumerate(counts):
+            if n:
+                segments.append((start, start + n, self._offsets[c], self._offsets[c + 1]))
+                start += n
+        return order, segments
 
     def _checked_targets(self, targets: torch.Tensor) -> torch.Tensor:
         bad = (targets >= self.vocab_size) | ((targets < 0) & (targets != IGNORE_INDEX))
@@ -299,8 +212,9 @@ class HsmHead(Head):
         cluster_nll = F.cross_entropy(top_logits, clusters.masked_fill(~keep, IGNORE_INDEX),
                                       ignore_index=IGNORE_INDEX, reduction="sum")
         kept = keep.nonzero().squeeze(1)
-        within = _WithinClusterNLL.apply(hidden[kept], self.weight,
-                                         self._layout(clusters[kept], self.token_row[tokens[kept]]))
+        order, segments = self._group(clusters[kept])
+        kept = kept[order]
+        within = _WithinClusterNLL.apply(hidden[kept], self.weight, self.token_position[tokens[kept]], segments)
         n_keep = max(kept.numel(), 1)
         within_nll = within.sum()
         metrics = {"cluster_nll": float(cluster_nll.detach()) / n_keep, "within_nll": float(within_nll.detach()) / n_keep}
@@ -319,8 +233,10 @@ class HsmHead(Head):
         cluster_nll = F.cross_entropy(top_logits / tau[:, None], clusters.masked_fill(~keep, IGNORE_INDEX),
                                       ignore_index=IGNORE_INDEX, reduction="none")
         kept = keep.nonzero().squeeze(1)
+        order, segments = self._group(clusters[kept])
+        kept = kept[order]
         scaled = hidden[kept] / tau[kept].to(hidden.dtype)[:, None]
-        within = _WithinClusterNLL.apply(scaled, self.weight, self._layout(clusters[kept], self.token_row[tokens[kept]]))
+        within = _WithinClusterNLL.apply(scaled, self.weight, self.token_position[tokens[kept]], segments)
         n_keep = max(kept.numel(), 1)
         loss = ((tau * cluster_nll).sum() + (tau[kept] * within).sum()) / n_keep
         loss = loss + dro_shift(tau, keep, self.temperature.rho, self.vocab_size)
@@ -342,8 +258,10 @@ class HsmHead(Head):
         tokens = self._checked_targets(targets)
         clusters = self.token_cluster[tokens]
         top = torch.log_softmax(F.linear(hidden, self.cluster_weight).float(), dim=1)
-        within, _ = _within_forward(hidden, self.weight, self._layout(clusters, self.token_row[tokens]), False)
-        out = top.gather(1, clusters[:, None]).squeeze(1) - within
+        order, segments = self._group(clusters)
+        within, _ = _within_forward(hidden[order], self.weight, self.token_position[tokens[order]], segments, False)
+        out = top.gather(1, clusters[:, None]).squeeze(1)
+        out[order] -= within
         return torch.where(targets != IGNORE_INDEX, out, 0.0)
 
     @torch.no_grad()
@@ -430,38 +348,25 @@ class HsmHead(Head):
         top = torch.softmax(F.linear(hidden, self.cluster_weight).float(), dim=1)
         clusters = torch.multinomial(top, 1, generator=generator).squeeze(1) if hidden.shape[0] else \
             hidden.new_zeros(0, dtype=torch.long)
-        lo = self.cluster_offsets[clusters]
-        tiles = self._layout(clusters, lo)
-        lse, scores = _within_scores(hidden, self.weight, tiles)
-        # Each token's within-cluster probabilities as one dense row of its cluster's size.
-        tile, slot, col = tiles.valid.nonzero(as_tuple=True)
-        token = tiles.token[tile, slot]
-        width = int((self.cluster_offsets[clusters + 1] - lo).max()) if clusters.numel() else 1
-        probs = scores.new_zeros(clusters.numel(), width)
-        probs[token, tiles.start[tile] + col - lo[token]] = (scores[tile, slot, col] - lse[token]).exp()
-        rows = torch.multinomial(probs, 1, generator=generator).squeeze(1) + lo if clusters.numel() else clusters
+        order, segments = self._group(clusters)
+        rows = torch.empty_like(clusters)
+        with _one_thread(hidden.device):
+            for start, end, lo, hi in segments:
+                idx = order[start:end]
+                probs = torch.softmax((hidden[idx] @ self.weight[lo:hi].T).float(), dim=1)
+                rows[idx] = torch.multinomial(probs, 1, generator=generator).squeeze(1) + lo
         return self.row_token[rows]
 
     @classmethod
     def transient_bytes(cls, options, n_tokens, hidden_size, vocab_size, dtype):
         # Cluster scores as the softmax head's logits (input dtype, fp32 copy, log-softmax, its
-        # gradient); the kept hidden states, their gradient (accumulated in fp32) and ∂hidden;
-        # per slot of the batched layout its hidden state or its ∂hidden (fp32 copies below fp32);
-        # per score cell the kept probabilities, their gradient and the mask. The slots assume
-        # targets spread over the vocabulary: a window's pairs are a Poisson count, padded to 3σ.
+        # gradient); the within-cluster probabilities kept for backward, assuming targets spread
+        # over clusters of the mean size; the sorted hidden states, their gradient and ∂hidden.
         n_clusters, _ = _checked_sizes(options, vocab_size)
         b = dtype_bytes(dtype)
-        wide = 0 if dtype == torch.float32 else 4
         per_score = 3 * 4 if dtype == torch.float32 else 2 * b + 3 * 4
-        window = _window_size(vocab_size, n_clusters)
-        n_windows = math.ceil(vocab_size / window)
-        # The default table's clusters of the window's size start on a window (one pair per
-        # token); the others, and all after a shortlist, straddle two windows.
-        aligned = 0.0 if options.shortlist else (vocab_size % n_clusters or n_clusters) / n_clusters
-        per_window = n_tokens * (2 - aligned) / n_windows
-        slots = n_windows * (math.ceil(per_window + 2 * math.sqrt(per_window)) + 1)
-        return (n_tokens * (n_clusters * per_score + hidden_size * (b + 4 + wide))
-                + slots * hidden_size * (b + wide) + slots * window * (9 + (2 if wide else 0)))
+        mean_size = math.ceil(vocab_size / n_clusters)
+        return n_tokens * (n_clusters * per_score + mean_size * 4 + 3 * hidden_size * b)
 
 
 def _checked_sizes(options: HsmOptions, vocab_size: int) -> tuple[int, int]:
