@@ -23,4 +23,10 @@ def test_an_old_run_folder_resumes_on_the_same_trajectory(tmp_path):
     old_losses = {r["step"]: r["loss"] for r in records(old)}
     new_losses = {r["step"]: r["loss"] for r in records(straight)}
     assert sorted(old_losses) == [1, 2, 3, 4]
-    assert old_losses == new_losses  # steps 1-2 by the old code, 3-4 resumed by today's: bit for bit
+    # Steps 3-4, resumed by today's code from the old code's step-2 weights, equal today's straight
+    # run bit for bit: the weights, optimizer state and data position carried over exactly. Steps
+    # 1-2 were logged by the old code, whose softmax loss was F.cross_entropy's mean where today's
+    # is a sum over kept tokens / their count (the all-ignored contract): the same value to float32
+    # rounding (one ulp at step 1), not necessarily the same bits.
+    assert [old_losses[s] for s in (3, 4)] == [new_losses[s] for s in (3, 4)]
+    assert [old_losses[s] for s in (1, 2)] == pytest.approx([new_losses[s] for s in (1, 2)], rel=1e-6, abs=0)
