@@ -322,7 +322,13 @@ def checkpoint_verify(
     """Check every checkpoint of RUN_DIR against its manifest (each file's size and SHA-256).
 
     One line per checkpoint: ok, unverified (saved before manifests existed) or BAD with the file
-    at fault. Exit 0 when none is bad, 1 otherwise. `--resume auto` skips bad ones by itself."""
+    at fault. Exit 0 when none is bad, 1 otherwise. `--resume auto` skips bad ones by itself.
+
+    Example (after `llmtrain run my-tiny.yaml train.steps=12 --out runs/tiny`):
+
+    \b
+      llmtrain checkpoint verify runs/tiny
+    """
     from llmtrain.train.checkpoint import META, has_manifest, tag_dirs, verify
 
     if (run_dir / META).is_file():
