@@ -45,6 +45,7 @@ class Target:
     precision: str
     recipe: Any = None  # llmtrain.recipe.Recipe
     world_size: int = 1
+    recipe_file: bool = False  # a recipe file, which may run here; presets and --hf describe clusters
 
 
 def profile(
@@ -163,7 +164,8 @@ def _target(recipe_path, overrides, preset, hf, tokens, vocab, hidden, dtype, wo
         recipe = recipe_with(recipe, deepspeed={"zero_stage": zero_stage})
     vocab_size = recipe_vocab(recipe)
     return Target(label, recipe.train.micro_batch * recipe.model.seq_len, vocab_size, recipe.model.d_model,
-                  recipe.train.precision, recipe, world_size or recipe.world_size)
+                  recipe.train.precision, recipe, world_size or recipe.world_size,
+                  recipe_file=preset is None and hf is None)
 
 
 def _hf_recipe(folder: Path) -> dict[str, Any]:
@@ -273,7 +275,7 @@ def _runtime_here(target: Target) -> int | None:
     of DeepSpeed's buckets. Presets and --hf describe clusters: None."""
     import torch
 
-    if target.recipe is None or not target.label.startswith("recipe ") or torch.cuda.is_available():
+    if not target.recipe_file or torch.cuda.is_available():
         return None
     from llmtrain.profile.measure import runtime_bytes
 
