@@ -4,22 +4,23 @@
 
 With C clusters a training token costs O((C + |c(w)|)·D) instead of O(V·D). The output weight W
 is one [V, D] parameter whose rows are ordered by cluster, so each cluster's tokens are one
-contiguous slice; training sorts the tokens by their target's cluster and runs one matmul per
-cluster present in the batch (forward and backward in a custom autograd Function that writes the
-gradient of W slice by slice, never a per-slice full-size gradient). The cluster table lives in
+contiguous slice; training sorts the tokens by their target's cluster and scores each against its
+cluster's rows as one flat vector of (token, row) pairs, whatever the clusters' sizes (forward and
+backward in a custom autograd Function, each pass a few whole-batch calls; see `_Pairs`). The cluster table lives in
 buffers and travels with the state dict; loading checks it against the vocabulary.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Literal
+import warnings
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from llmtrain.errors import UserError
 from llmtrain.heads.base import (IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes,
@@ -40,70 +41,104 @@ class HsmOptions(HeadOptions):
     shortlist: int = Field(0, ge=0, description="the most frequent tokens forming the first cluster (0: none)")
 
 
-# A segment is one cluster present in a sorted batch: tokens start:end, weight rows lo:hi.
-Segment = tuple[int, int, int, int]
+# The within-cluster scores of a batch are block-diagonal: token i against every row of its cluster,
+# and nothing else. They are kept as one flat vector of (token, row) pairs, token-major (a CSR
+# layout: token i's pairs are starts[i]:starts[i + 1]), so that every pass is one call whatever the
+# cluster sizes and counts: the scores one sampled matrix product (SDDMM), each token's
+# log-sum-exp a segment reduction, ∂h and ∂W weighted sums of rows (embedding_bag), ∂W over the
+# same pairs row-major. No Python loop over clusters, and no thread count changed per call.
+# Scores of dtypes the sampled product lacks (bf16, fp16) come from gathered rows, this many
+# elements of each gathered operand at a time.
+GATHER_BLOCK = 1 << 24
 
 
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """One intra-op thread around the per-cluster loop on CPU. Its GEMMs are small (the few
-    tokens of one cluster against its rows): threads gain little there, and each call pays a
-    thread synchronization that costs milliseconds when the cores are shared (512 such GEMMs:
-    0.2 s on one thread, 6.6 s on two on this loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+class _Pairs(NamedTuple):
+    """The (token, weight row) pairs of tokens sorted by cluster, token-major."""
+    starts: torch.Tensor  # [n + 1] token i's pairs are starts[i]:starts[i + 1]
+    token: torch.Tensor   # [P] the pair's token
+    row: torch.Tensor     # [P] the pair's weight row
+    target: torch.Tensor  # [n] each token's target pair
+    first: torch.Tensor   # [C + 1] cluster c's tokens are first[c]:first[c + 1]
 
 
-def _within_forward(hidden, weight, positions, segments, keep_probs):
+def _pairs(clusters: torch.Tensor, positions: torch.Tensor, offsets: torch.Tensor) -> _Pairs:
+    """Pairs of tokens whose clusters (sorted ascending) and target positions are given."""
+    sizes = (offsets[clusters + 1] - offsets[clusters])
+    starts = F.pad(sizes.cumsum(0), (1, 0))
+    n_pairs = int(starts[-1])
+    token = torch.repeat_interleave(torch.arange(clusters.numel(), device=clusters.device), sizes, output_size=n_pairs)
+    row = torch.arange(n_pairs, device=clusters.device) + (offsets[clusters] - starts[:-1])[token]
+    counts = torch.bincount(clusters, minlength=offsets.numel() - 1)
+    return _Pairs(starts, token, row, starts[:-1] + positions, F.pad(counts.cumsum(0), (1, 0)))
+
+
+def _row_major(pairs: _Pairs, offsets: torch.Tensor, row_cluster: torch.Tensor):
+    """(row_starts [V + 1], order [P]): row r's pairs are order[row_starts[r]:row_starts[r + 1]],
+    its cluster's tokens in turn (none for the rows of a cluster absent from the batch)."""
+    first, dev = pairs.first, row_cluster.device
+    per_row = (first[1:] - first[:-1])[row_cluster]
+    row_starts = F.pad(per_row.cumsum(0), (1, 0))
+    n_pairs = pairs.row.numel()
+    row = torch.repeat_interleave(torch.arange(row_cluster.numel(), device=dev), per_row, output_size=n_pairs)
+    cluster = row_cluster[row]
+    token = first[cluster] + torch.arange(n_pairs, device=dev) - row_starts[row]
+    return row_starts, pairs.starts[token] + row - offsets[cluster]
+
+
+def _pair_scores(hidden: torch.Tensor, weight: torch.Tensor, pairs: _Pairs) -> torch.Tensor:
+    """[P] float32 score of every pair: hidden[token] · weight[row]."""
+    if hidden.dtype in (torch.float32, torch.float64):
+        # The sampled product takes a sparse CSR pattern. Python dispatch modes are set aside around
+        # it: MemTracker (`llmtrain profile` on CPU) cannot hold sparse tensors; the scores it returns
+        # are dense and tracked from their first use.
+        with _disable_current_modes(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            pattern = torch.sparse_csr_tensor(pairs.starts, pairs.row, hidden.new_zeros(pairs.row.numel()),
+                                              (hidden.shape[0], weight.shape[0]), check_invariants=False)
+            scores = torch.sparse.sampled_addmm(pattern, hidden, weight.T, beta=0.0).values()
+        return scores.float()
+    step = max(1, GATHER_BLOCK // hidden.shape[1])  # bf16, fp16: gathered rows, products in fp32
+    return torch.cat([(hidden.index_select(0, t).float() * weight.index_select(0, r).float()).sum(1)
+                      for t, r in zip(pairs.token.split(step), pairs.row.split(step))])
+
+
+def _within_forward(hidden, weight, pairs: _Pairs, keep_probs: bool):
     """-log p(token | its cluster) [n] float32 for hidden states sorted by cluster, and (when
-    keep_probs) each segment's within-cluster probabilities for the backward pass."""
-    nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    probs = []
-    with _one_thread(hidden.device):
-        for start, end, lo, hi in segments:
-            logp = torch.log_softmax((hidden[start:end] @ weight[lo:hi].T).float(), dim=1)
-            nll[start:end] = logp.gather(1, positions[start:end, None]).squeeze(1).neg()
-            if keep_probs:
-                probs.append(logp.exp_())
-    return nll, probs
+    keep_probs) every pair's within-cluster probability [P] for the backward pass."""
+    scores = _pair_scores(hidden, weight, pairs)
+    n = hidden.shape[0]
+    peak = scores.new_full((n,), -math.inf).scatter_reduce_(0, pairs.token, scores, "amax")
+    shifted = scores.sub_(peak[pairs.token])
+    lse = torch.zeros_like(peak).index_add_(0, pairs.token, shifted.exp()).log_()
+    nll = lse - shifted[pairs.target]
+    return nll, (shifted.sub_(lse[pairs.token]).exp_() if keep_probs else None)
 
 
 class _WithinClusterNLL(torch.autograd.Function):
-    """Per-token within-cluster NLL; backward writes ∂W slice by slice into one dense tensor."""
+    """Per-token within-cluster NLL; backward gives ∂h and the dense ∂W as weighted sums of rows."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, positions, segments):
-        nll, probs = _within_forward(hidden, weight, positions, segments, keep_probs=True)
-        ctx.save_for_backward(hidden, weight, positions)
-        ctx.segments, ctx.probs = segments, probs
+    def forward(ctx, hidden, weight, pairs, table):
+        nll, probs = _within_forward(hidden, weight, pairs, keep_probs=True)
+        ctx.save_for_backward(hidden, weight, probs)
+        ctx.pairs, ctx.table = pairs, table
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
-        hidden, weight, positions = ctx.saved_tensors
+        hidden, weight, probs = ctx.saved_tensors
+        pairs = ctx.pairs
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.empty_like(weight) if need_weight else None
-        done = 0  # rows of grad_weight written so far; rows of absent clusters get zeros
-        with _one_thread(hidden.device):
-            for (start, end, lo, hi), p in zip(ctx.segments, ctx.probs):
-                g = grad_nll[start:end, None]
-                dlogits = (p * g).scatter_add_(1, positions[start:end, None], -g).to(weight.dtype)
-                if need_hidden:
-                    torch.mm(dlogits, weight[lo:hi], out=grad_hidden[start:end])
-                if need_weight:
-                    grad_weight[done:lo].zero_()
-                    torch.mm(dlogits.T, hidden[start:end], out=grad_weight[lo:hi])
-                done = hi
-        if need_weight:
-            grad_weight[done:].zero_()
+        g = grad_nll.float()
+        dscores = probs.mul_(g[pairs.token]).index_add_(0, pairs.target, -g)  # probs are not needed again
+        grad_hidden = grad_weight = None
+        if need_hidden:  # ∂h_i = Σ over i's pairs of dscore · W[row]
+            grad_hidden = F.embedding_bag(pairs.row, weight, pairs.starts, mode="sum", include_last_offset=True,
+                                          per_sample_weights=dscores.to(weight.dtype)).to(hidden.dtype)
+        if need_weight:  # ∂W_r = Σ over r's pairs of dscore · h[token]; zero for rows no token reached
+            row_starts, order = _row_major(pairs, *ctx.table)
+            grad_weight = F.embedding_bag(pairs.token[order], hidden, row_starts, mode="sum", include_last_offset=True,
+                                          per_sample_weights=dscores[order].to(hidden.dtype)).to(weight.dtype)
         return grad_hidden, grad_weight, None, None
 
 
@@ -183,16 +218,10 @@ class HsmHead(Head):
 
     # --- training ---------------------------------------------------------------------------------
 
-    def _group(self, clusters: torch.Tensor) -> tuple[torch.Tensor, list[Segment]]:
-        """Order sorting tokens by cluster, and one segment per cluster present."""
+    def _group(self, clusters: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, _Pairs]:
+        """Order sorting tokens by cluster, and their (token, row) pairs in that order."""
         order = torch.argsort(clusters, stable=True)
-        counts = torch.bincount(clusters, minlength=self.n_clusters).tolist()
-        segments, start = [], 0
-        for c, n in enumerate(counts):
-            if n:
-                segments.append((start, start + n, self._offsets[c], self._offsets[c + 1]))
-                start += n
-        return order, segments
+        return order, _pairs(clusters[order], positions[order], self.cluster_offsets)
 
     def _checked_targets(self, targets: torch.Tensor) -> torch.Tensor:
         bad = (targets >= self.vocab_size) | ((targets < 0) & (targets != IGNORE_INDEX))
@@ -212,9 +241,9 @@ class HsmHead(Head):
         cluster_nll = F.cross_entropy(top_logits, clusters.masked_fill(~keep, IGNORE_INDEX),
                                       ignore_index=IGNORE_INDEX, reduction="sum")
         kept = keep.nonzero().squeeze(1)
-        order, segments = self._group(clusters[kept])
+        order, pairs = self._group(clusters[kept], self.token_position[tokens[kept]])
         kept = kept[order]
-        within = _WithinClusterNLL.apply(hidden[kept], self.weight, self.token_position[tokens[kept]], segments)
+        within = _WithinClusterNLL.apply(hidden[kept], self.weight, pairs, (self.cluster_offsets, self.row_cluster))
         n_keep = max(kept.numel(), 1)
         within_nll = within.sum()
         metrics = {"cluster_nll": float(cluster_nll.detach()) / n_keep, "within_nll": float(within_nll.detach()) / n_keep}
@@ -233,10 +262,10 @@ class HsmHead(Head):
         cluster_nll = F.cross_entropy(top_logits / tau[:, None], clusters.masked_fill(~keep, IGNORE_INDEX),
                                       ignore_index=IGNORE_INDEX, reduction="none")
         kept = keep.nonzero().squeeze(1)
-        order, segments = self._group(clusters[kept])
+        order, pairs = self._group(clusters[kept], self.token_position[tokens[kept]])
         kept = kept[order]
         scaled = hidden[kept] / tau[kept].to(hidden.dtype)[:, None]
-        within = _WithinClusterNLL.apply(scaled, self.weight, self.token_position[tokens[kept]], segments)
+        within = _WithinClusterNLL.apply(scaled, self.weight, pairs, (self.cluster_offsets, self.row_cluster))
         n_keep = max(kept.numel(), 1)
         loss = ((tau * cluster_nll).sum() + (tau[kept] * within).sum()) / n_keep
         loss = loss + dro_shift(tau, keep, self.temperature.rho, self.vocab_size)
@@ -258,8 +287,8 @@ class HsmHead(Head):
         tokens = self._checked_targets(targets)
         clusters = self.token_cluster[tokens]
         top = torch.log_softmax(F.linear(hidden, self.cluster_weight).float(), dim=1)
-        order, segments = self._group(clusters)
-        within, _ = _within_forward(hidden[order], self.weight, self.token_position[tokens[order]], segments, False)
+        order, pairs = self._group(clusters, self.token_position[tokens])
+        within, _ = _within_forward(hidden[order], self.weight, pairs, keep_probs=False)
         out = top.gather(1, clusters[:, None]).squeeze(1)
         out[order] -= within
         return torch.where(targets != IGNORE_INDEX, out, 0.0)
@@ -348,13 +377,15 @@ class HsmHead(Head):
         top = torch.softmax(F.linear(hidden, self.cluster_weight).float(), dim=1)
         clusters = torch.multinomial(top, 1, generator=generator).squeeze(1) if hidden.shape[0] else \
             hidden.new_zeros(0, dtype=torch.long)
-        order, segments = self._group(clusters)
+        order, pairs = self._group(clusters, torch.zeros_like(clusters))
+        # Gumbel-max within each drawn cluster: the pair of largest score + Gumbel noise.
+        noise = torch.rand(pairs.row.numel(), generator=generator, device=hidden.device)
+        key = _pair_scores(hidden[order], self.weight, pairs).sub_(noise.log_().neg_().log_())
+        best = key.new_full(clusters.shape, -math.inf).scatter_reduce_(0, pairs.token, key, "amax")
+        hit = (key == best[pairs.token]).nonzero().squeeze(1)
+        drawn = torch.full_like(clusters, pairs.row.numel()).scatter_reduce_(0, pairs.token[hit], hit, "amin")
         rows = torch.empty_like(clusters)
-        with _one_thread(hidden.device):
-            for start, end, lo, hi in segments:
-                idx = order[start:end]
-                probs = torch.softmax((hidden[idx] @ self.weight[lo:hi].T).float(), dim=1)
-                rows[idx] = torch.multinomial(probs, 1, generator=generator).squeeze(1) + lo
+        rows[order] = pairs.row[drawn]
         return self.row_token[rows]
 
     @classmethod
