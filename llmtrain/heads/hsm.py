@@ -49,7 +49,7 @@ class HsmOptions(HeadOptions):
 # same pairs row-major. No Python loop over clusters, and no thread count changed per call.
 # Scores of dtypes the sampled product lacks (bf16, fp16) come from gathered rows, this many
 # elements of each gathered operand at a time.
-GATHER_BLOCK = 1 << 24
+GATHER_BLOCK = 1 << 20
 
 
 class _Pairs(NamedTuple):
@@ -62,27 +62,35 @@ class _Pairs(NamedTuple):
 
 
 def _pairs(clusters: torch.Tensor, positions: torch.Tensor, offsets: torch.Tensor) -> _Pairs:
-    """Pairs of tokens whose clusters (sorted ascending) and target positions are given."""
-    sizes = (offsets[clusters + 1] - offsets[clusters])
+    """Pairs of tokens whose clusters (sorted ascending) and target positions are given. Rows and
+    offsets into the pairs are int32 where they fit (half the index traffic); `token` indexes
+    scatter reductions, which take int64."""
+    dev, sizes = clusters.device, offsets.diff()[clusters]
     starts = F.pad(sizes.cumsum(0), (1, 0))
     n_pairs = int(starts[-1])
-    token = torch.repeat_interleave(torch.arange(clusters.numel(), device=clusters.device), sizes, output_size=n_pairs)
-    row = torch.arange(n_pairs, device=clusters.device) + (offsets[clusters] - starts[:-1])[token]
+    index = torch.int32 if max(n_pairs, offsets.numel()) < 2**31 else torch.int64
+    token = torch.repeat_interleave(torch.arange(clusters.numel(), device=dev), sizes, output_size=n_pairs)
+    row = torch.arange(n_pairs, dtype=index, device=dev).add_((offsets[clusters] - starts[:-1]).to(index)[token])
     counts = torch.bincount(clusters, minlength=offsets.numel() - 1)
-    return _Pairs(starts, token, row, starts[:-1] + positions, F.pad(counts.cumsum(0), (1, 0)))
+    return _Pairs(starts.to(index), token, row, starts[:-1] + positions, F.pad(counts.cumsum(0), (1, 0)))
 
 
 def _row_major(pairs: _Pairs, offsets: torch.Tensor, row_cluster: torch.Tensor):
-    """(row_starts [V + 1], order [P]): row r's pairs are order[row_starts[r]:row_starts[r + 1]],
-    its cluster's tokens in turn (none for the rows of a cluster absent from the batch)."""
-    first, dev = pairs.first, row_cluster.device
-    per_row = (first[1:] - first[:-1])[row_cluster]
-    row_starts = F.pad(per_row.cumsum(0), (1, 0))
-    n_pairs = pairs.row.numel()
-    row = torch.repeat_interleave(torch.arange(row_cluster.numel(), device=dev), per_row, output_size=n_pairs)
-    cluster = row_cluster[row]
-    token = first[cluster] + torch.arange(n_pairs, device=dev) - row_starts[row]
-    return row_starts, pairs.starts[token] + row - offsets[cluster]
+    """(row_starts [V + 1], token [P], order [P]): row r's pairs, in row-major order, are entries
+    row_starts[r]:row_starts[r + 1] (its cluster's tokens in turn, none for a cluster absent from
+    the batch); token gives each entry's token and order its token-major pair. Each cluster's
+    pairs are one n × S block spanning the same entries in both orders, transposed."""
+    first, dev, index = pairs.first, row_cluster.device, pairs.row.dtype
+    n, size = first.diff(), offsets.diff()
+    row_starts = F.pad(n[row_cluster].cumsum(0), (1, 0)).to(index)
+    block = n * size
+    cluster = torch.repeat_interleave(torch.arange(n.numel(), device=dev), block, output_size=pairs.row.numel())
+    e = torch.arange(pairs.row.numel(), dtype=index, device=dev).sub_((block.cumsum(0) - block).to(index)[cluster])
+    n_of = n.to(index)[cluster]
+    k = e.div(n_of, rounding_mode="floor")  # the entry's row within its cluster
+    token = e.sub_(k * n_of).add_(first.to(index)[cluster])  # its token
+    order = k.add_(pairs.starts[token.long() if index != torch.int64 else token])
+    return row_starts, token, order
 
 
 def _pair_scores(hidden: torch.Tensor, weight: torch.Tensor, pairs: _Pairs) -> torch.Tensor:
@@ -136,8 +144,8 @@ class _WithinClusterNLL(torch.autograd.Function):
             grad_hidden = F.embedding_bag(pairs.row, weight, pairs.starts, mode="sum", include_last_offset=True,
                                           per_sample_weights=dscores.to(weight.dtype)).to(hidden.dtype)
         if need_weight:  # ∂W_r = Σ over r's pairs of dscore · h[token]; zero for rows no token reached
-            row_starts, order = _row_major(pairs, *ctx.table)
-            grad_weight = F.embedding_bag(pairs.token[order], hidden, row_starts, mode="sum", include_last_offset=True,
+            row_starts, token, order = _row_major(pairs, *ctx.table)
+            grad_weight = F.embedding_bag(token, hidden, row_starts, mode="sum", include_last_offset=True,
                                           per_sample_weights=dscores[order].to(hidden.dtype)).to(weight.dtype)
         return grad_hidden, grad_weight, None, None
 
@@ -385,7 +393,7 @@ class HsmHead(Head):
         hit = (key == best[pairs.token]).nonzero().squeeze(1)
         drawn = torch.full_like(clusters, pairs.row.numel()).scatter_reduce_(0, pairs.token[hit], hit, "amin")
         rows = torch.empty_like(clusters)
-        rows[order] = pairs.row[drawn]
+        rows[order] = pairs.row[drawn].long()
         return self.row_token[rows]
 
     @classmethod
