@@ -49,7 +49,10 @@ class HsmOptions(HeadOptions):
 # same pairs row-major. No Python loop over clusters, and no thread count changed per call.
 # Scores of dtypes the sampled product lacks (bf16, fp16) come from gathered rows, this many
 # elements of each gathered operand at a time.
-GATHER_BLOCK = 1 << 20
+GATHER_BLOCK = 1 << 18
+# Memory model terms (bytes): per pair at the backward's peak, per weight row.
+PAIR_BYTES = 36
+ROW_BYTES = 24
 
 
 class _Pairs(NamedTuple):
@@ -399,13 +402,18 @@ class HsmHead(Head):
     @classmethod
     def transient_bytes(cls, options, n_tokens, hidden_size, vocab_size, dtype):
         # Cluster scores as the softmax head's logits (input dtype, fp32 copy, log-softmax, its
-        # gradient); the within-cluster probabilities kept for backward, assuming targets spread
-        # over clusters of the mean size; the sorted hidden states, their gradient and ∂hidden.
+        # gradient); the sorted hidden states, their gradient and ∂hidden; per (token, row) pair,
+        # assuming targets spread over clusters of the mean size: PAIR_BYTES at the peak (the
+        # backward's row-major indices beside the kept pair indices and probabilities), and per
+        # weight row the row-major offsets. Dtypes the sampled product lacks add one block of
+        # gathered rows. Checked against MemTracker (tests/test_heads_hsm.py).
         n_clusters, _ = _checked_sizes(options, vocab_size)
         b = dtype_bytes(dtype)
         per_score = 3 * 4 if dtype == torch.float32 else 2 * b + 3 * 4
-        mean_size = math.ceil(vocab_size / n_clusters)
-        return n_tokens * (n_clusters * per_score + mean_size * 4 + 3 * hidden_size * b)
+        pairs = n_tokens * math.ceil(vocab_size / n_clusters)
+        gathered = 0 if dtype in (torch.float32, torch.float64) else GATHER_BLOCK * 3 * 4
+        return (n_tokens * (n_clusters * per_score + 3 * hidden_size * b) + pairs * PAIR_BYTES
+                + vocab_size * ROW_BYTES + gathered)
 
 
 def _checked_sizes(options: HsmOptions, vocab_size: int) -> tuple[int, int]:
