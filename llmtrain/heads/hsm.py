@@ -50,8 +50,9 @@ class HsmOptions(HeadOptions):
 # Scores of dtypes the sampled product lacks (bf16, fp16) come from gathered rows, this many
 # elements of each gathered operand at a time.
 GATHER_BLOCK = 1 << 18
-# Memory model terms (bytes): per pair at the backward's peak, per weight row.
-PAIR_BYTES = 36
+# Memory model terms (bytes): per pair (the pair indices and probabilities kept for backward, the
+# row-major indices it builds), per weight row (row-major offsets).
+PAIR_BYTES = 24
 ROW_BYTES = 24
 
 
@@ -73,7 +74,7 @@ def _pairs(clusters: torch.Tensor, positions: torch.Tensor, offsets: torch.Tenso
     n_pairs = int(starts[-1])
     index = torch.int32 if max(n_pairs, offsets.numel()) < 2**31 else torch.int64
     token = torch.repeat_interleave(torch.arange(clusters.numel(), device=dev), sizes, output_size=n_pairs)
-    row = torch.arange(n_pairs, dtype=index, device=dev).add_((offsets[clusters] - starts[:-1]).to(index)[token])
+    row = torch.arange(n_pairs, dtype=index, device=dev).add_((offsets[clusters] - starts[:-1]).to(index).index_select(0, token))
     counts = torch.bincount(clusters, minlength=offsets.numel() - 1)
     return _Pairs(starts.to(index), token, row, starts[:-1] + positions, F.pad(counts.cumsum(0), (1, 0)))
 
@@ -85,14 +86,15 @@ def _row_major(pairs: _Pairs, offsets: torch.Tensor, row_cluster: torch.Tensor):
     pairs are one n × S block spanning the same entries in both orders, transposed."""
     first, dev, index = pairs.first, row_cluster.device, pairs.row.dtype
     n, size = first.diff(), offsets.diff()
-    row_starts = F.pad(n[row_cluster].cumsum(0), (1, 0)).to(index)
+    row_starts = F.pad(n.index_select(0, row_cluster).cumsum(0), (1, 0)).to(index)
     block = n * size
     cluster = torch.repeat_interleave(torch.arange(n.numel(), device=dev), block, output_size=pairs.row.numel())
-    e = torch.arange(pairs.row.numel(), dtype=index, device=dev).sub_((block.cumsum(0) - block).to(index)[cluster])
-    n_of = n.to(index)[cluster]
+    at = lambda per_cluster: per_cluster.to(index).index_select(0, cluster)  # noqa: E731
+    e = torch.arange(pairs.row.numel(), dtype=index, device=dev).sub_(at(block.cumsum(0) - block))  # within its block
+    n_of = at(n)
     k = e.div(n_of, rounding_mode="floor")  # the entry's row within its cluster
-    token = e.sub_(k * n_of).add_(first.to(index)[cluster])  # its token
-    order = k.add_(pairs.starts[token.long() if index != torch.int64 else token])
+    token = e.sub_(k * n_of).add_(at(first[:-1]))  # its token
+    order = k.add_(pairs.starts.index_select(0, token))
     return row_starts, token, order
 
 
@@ -119,10 +121,10 @@ def _within_forward(hidden, weight, pairs: _Pairs, keep_probs: bool):
     scores = _pair_scores(hidden, weight, pairs)
     n = hidden.shape[0]
     peak = scores.new_full((n,), -math.inf).scatter_reduce_(0, pairs.token, scores, "amax")
-    shifted = scores.sub_(peak[pairs.token])
+    shifted = scores.sub_(peak.index_select(0, pairs.token))
     lse = torch.zeros_like(peak).index_add_(0, pairs.token, shifted.exp()).log_()
     nll = lse - shifted[pairs.target]
-    return nll, (shifted.sub_(lse[pairs.token]).exp_() if keep_probs else None)
+    return nll, (shifted.sub_(lse.index_select(0, pairs.token)).exp_() if keep_probs else None)
 
 
 class _WithinClusterNLL(torch.autograd.Function):
@@ -141,7 +143,7 @@ class _WithinClusterNLL(torch.autograd.Function):
         pairs = ctx.pairs
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         g = grad_nll.float()
-        dscores = probs.mul_(g[pairs.token]).index_add_(0, pairs.target, -g)  # probs are not needed again
+        dscores = probs.mul_(g.index_select(0, pairs.token)).index_add_(0, pairs.target, -g)  # probs are not needed again
         grad_hidden = grad_weight = None
         if need_hidden:  # ∂h_i = Σ over i's pairs of dscore · W[row]
             grad_hidden = F.embedding_bag(pairs.row, weight, pairs.starts, mode="sum", include_last_offset=True,
@@ -149,7 +151,7 @@ class _WithinClusterNLL(torch.autograd.Function):
         if need_weight:  # ∂W_r = Σ over r's pairs of dscore · h[token]; zero for rows no token reached
             row_starts, token, order = _row_major(pairs, *ctx.table)
             grad_weight = F.embedding_bag(token, hidden, row_starts, mode="sum", include_last_offset=True,
-                                          per_sample_weights=dscores[order].to(hidden.dtype)).to(weight.dtype)
+                                          per_sample_weights=dscores.index_select(0, order).to(hidden.dtype)).to(weight.dtype)
         return grad_hidden, grad_weight, None, None
 
 
@@ -403,10 +405,9 @@ class HsmHead(Head):
     def transient_bytes(cls, options, n_tokens, hidden_size, vocab_size, dtype):
         # Cluster scores as the softmax head's logits (input dtype, fp32 copy, log-softmax, its
         # gradient); the sorted hidden states, their gradient and ∂hidden; per (token, row) pair,
-        # assuming targets spread over clusters of the mean size: PAIR_BYTES at the peak (the
-        # backward's row-major indices beside the kept pair indices and probabilities), and per
-        # weight row the row-major offsets. Dtypes the sampled product lacks add one block of
-        # gathered rows. Checked against MemTracker (tests/test_heads_hsm.py).
+        # assuming targets spread over clusters of the mean size, and per weight row. Dtypes the
+        # sampled product lacks add one block of gathered rows. The terms do not all peak
+        # together: an upper bound within 1.2–1.5× of MemTracker's peak (tests/test_heads_hsm.py).
         n_clusters, _ = _checked_sizes(options, vocab_size)
         b = dtype_bytes(dtype)
         per_score = 3 * 4 if dtype == torch.float32 else 2 * b + 3 * 4
