@@ -6,8 +6,9 @@ With C clusters a training token costs O((C + |c(w)|)·D) instead of O(V·D). Th
 is one [V, D] parameter whose rows are ordered by cluster, so each cluster's tokens are one
 contiguous slice; training sorts the tokens by their target's cluster and scores each against its
 cluster's rows as one flat vector of (token, row) pairs, whatever the clusters' sizes (forward and
-backward in a custom autograd Function, each pass a few whole-batch calls; see `_Pairs`). The cluster table lives in
-buffers and travels with the state dict; loading checks it against the vocabulary.
+backward in a custom autograd Function, each pass a few whole-batch calls; see `_Pairs`). The
+cluster table lives in buffers and travels with the state dict; loading checks it against the
+vocabulary.
 """
 
 from __future__ import annotations
@@ -89,7 +90,10 @@ def _row_major(pairs: _Pairs, offsets: torch.Tensor, row_cluster: torch.Tensor):
     row_starts = F.pad(n.index_select(0, row_cluster).cumsum(0), (1, 0)).to(index)
     block = n * size
     cluster = torch.repeat_interleave(torch.arange(n.numel(), device=dev), block, output_size=pairs.row.numel())
-    at = lambda per_cluster: per_cluster.to(index).index_select(0, cluster)  # noqa: E731
+
+    def at(per_cluster):  # each entry's value of a per-cluster quantity
+        return per_cluster.to(index).index_select(0, cluster)
+
     e = torch.arange(pairs.row.numel(), dtype=index, device=dev).sub_(at(block.cumsum(0) - block))  # within its block
     n_of = at(n)
     k = e.div(n_of, rounding_mode="floor")  # the entry's row within its cluster
