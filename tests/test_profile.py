@@ -161,9 +161,30 @@ def test_budget_parsing():
             parse_budget(bad)
 
 
+def test_zero3_keeps_weights_gathered_within_deepspeeds_reuse_distance():
+    """DeepSpeed gathers a module's weights into a full buffer beside the partition and keeps those
+    used again within stage3_max_reuse_distance parameters: by default (1e9) a small model stays
+    gathered whole, at 0 only the module running is."""
+    def gathered(**zero):
+        overrides = ["deepspeed.zero_stage=3", "deepspeed.config={zero_optimization: %s}" % (zero or "{}")]
+        recipe = validate_recipe(SMALL_RECIPE, overrides)
+        return estimate_recipe(recipe, 8192)
+    default = gathered()
+    pc = default.params
+    assert default.components["zero3_gathered"] == pc.total * 2  # bf16, the whole model, not a share of it
+    released = gathered(stage3_max_reuse_distance=0)
+    assert released.components["zero3_gathered"] == pc.largest_module * 2
+    half = gathered(stage3_max_reuse_distance=2 * (pc.total - pc.largest_module) - 2)
+    assert released.components["zero3_gathered"] < half.components["zero3_gathered"] < default.components["zero3_gathered"]
+
+
 def test_verdict_names_the_least_disruptive_change_that_fits(tmp_path):
     recipe = validate_recipe(SMALL_RECIPE, ["deepspeed.zero_stage=1", "launch.ranks_per_node=4",
-                                            "train.micro_batch=8", "deepspeed.config={zero_optimization: {reduce_bucket_size: 1000}}"])
+                                            "train.micro_batch=8",
+                                            # reuse distance 0: ZeRO-3 releases each weight after its module
+                                            # (by default a model this small stays gathered whole, see below)
+                                            "deepspeed.config={zero_optimization: {reduce_bucket_size: 1000, "
+                                            "stage3_max_reuse_distance: 0}}"])
     here, stage3 = estimate_recipe(recipe, 8192).total, estimate_recipe(recipe_with(recipe, deepspeed={"zero_stage": 3}), 8192).total
     assert stage3 < here
     budget = (here + stage3) // 2
