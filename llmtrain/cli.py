@@ -489,6 +489,35 @@ def generate(
     sys.stdout.write(text + "\n")
 
 
+@app.command()
+@user_errors
+def compare(
+    runs: List[Path] = typer.Argument(..., metavar="RUN...", help="run folders (made by `llmtrain run --out`)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="report folder [default: runs/compare-<time>]",
+                                       show_default=False),
+):
+    """Compare runs side by side: a table, PNG plots and index.md tying them.
+
+    The table: head and options, steps, tokens, training seconds, tokens/s, MFU, peak memory per
+    rank, final and best validation loss, perplexity, bits per byte (comparable across tokenizers),
+    top-1/5/10, and bits per byte and top-1 at equal wall-clock (each run's value at the shortest
+    run's training seconds, interpolated between evaluations). Plots: validation bits per byte
+    against tokens and against training seconds, top-1 against tokens, training loss against
+    steps, tokens/s and MFU. Runs may differ in length, be resumed or still running; the report
+    files in --out are replaced, nothing else there is touched.
+
+    Example (after two `llmtrain run` commands):
+
+    \b
+      llmtrain compare runs/tiny runs/tiny-z3 --out reports/tiny
+    """
+    from llmtrain.report.index import compare_runs
+
+    index = compare_runs(list(runs), out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    sys.stdout.write((index.parent / "table.md").read_text())
+    err.print(f"wrote {index} (table.md and the plots beside it)")
+
+
 @recipe_app.command("check")
 @user_errors
 def recipe_check(
