@@ -43,7 +43,8 @@ def parse_study_args(args: list[str]) -> tuple[list[str], list[Variant]]:
     for arg in it:
         if arg == "--variant":
             name = next(it, None)
-            if name is None or "=" in name or name.startswith("-"):
+            # a dotted KEY=VALUE here is an override whose NAME was forgotten (names may hold '=')
+            if name is None or name.startswith("-") or "." in name.partition("=")[0] and "=" in name:
                 raise UserError(f"--variant needs a NAME before its KEY=VALUE overrides, got {name!r}; e.g. "
                                 "--variant hsm head.type=hsm")
             if "/" in name or name in (".", "..", REPORT) or name.endswith(EQUAL_TIME):
