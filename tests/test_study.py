@@ -78,5 +78,5 @@ def test_a_stopped_study_continues_where_it_stopped(recipe, tmp_path):
         assert all(0 < r["mfu"] < 1 for r in records(out / name))
     table = (out / "report" / "table.md").read_text()
     final = records(out / "hsm", "val_loss")[-1]
-    assert f"| hsm | hsm | complete | 8/8 |" in table and f"| {final['val_loss']:.4f} |" in table
+    assert "| hsm | hsm | complete | 8/8 |" in table and f"| {final['val_loss']:.4f} |" in table
     assert len(list((out / "report").glob("*.png"))) == 5

@@ -11,6 +11,7 @@ training seconds at its own measured speed.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,9 +48,9 @@ def parse_study_args(args: list[str]) -> tuple[list[str], list[Variant]]:
             if name is None or name.startswith("-") or "." in name.partition("=")[0] and "=" in name:
                 raise UserError(f"--variant needs a NAME before its KEY=VALUE overrides, got {name!r}; e.g. "
                                 "--variant hsm head.type=hsm")
-            if "/" in name or name in (".", "..", REPORT) or name.endswith(EQUAL_TIME):
-                raise UserError(f"--variant {name!r}: the name is a folder under --out; use letters, digits, '-' "
-                                f"or '_' (not '{REPORT}', not ending in '{EQUAL_TIME}')")
+            if not re.fullmatch(r"[\w.,=+-]+", name) or name in (".", "..", REPORT) or name.endswith(EQUAL_TIME):
+                raise UserError(f"--variant {name!r}: the name is a folder under --out; use letters, digits and "
+                                f"'_ . , = + -' (not '{REPORT}', not ending in '{EQUAL_TIME}')")
             if any(v.name == name for v in variants):
                 raise UserError(f"--variant {name!r} is given twice; each variant needs its own name")
             variants.append(Variant(name, []))
