@@ -59,11 +59,11 @@ def test_model_flops_per_token_match_a_training_step():
 
 
 def test_matmul_rate_is_the_rate_of_a_timed_matmul():
-    rate = matmul_rate(torch.device("cpu"), "fp32", seconds=0.1)
+    rate = matmul_rate(torch.device("cpu"), "fp32", seconds=0.2)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    best = min(_timed(lambda: a @ b) for _ in range(5))
-    # a best-of rate; other processes share this machine, so only the order of magnitude is firm
-    assert 0.25 < rate / (2 * 1024**3 / best) < 4
+    best = min(_timed(lambda: a @ b) for _ in range(10))
+    # both best-of rates; other processes share this machine, hence the margin (but not a factor 2)
+    assert 0.6 < rate / (2 * 1024**3 / best) < 1.7
 
 
 def _timed(fn) -> float:

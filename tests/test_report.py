@@ -64,8 +64,11 @@ def runs(tmp_path):
     zloss = make_run(tmp_path / "zloss", "zloss", {s: (1.0, s * 0.6, 1500.0, 2**18, 0.03) for s in (10, 20, 30, 40, 50)},
                      {25: (15.0, {"val_top1": 0.12, "val_top5": 0.3, "val_top10": 0.4}),
                       50: (30.0, {"val_top1": 0.22, "val_top5": 0.4, "val_top10": 0.5})}, steps=50)
-    going = make_run(tmp_path / "going", "cce", {10: (7.5, 3.0, 900.0, 2**21, 0.05)}, {}, state="running", steps=100)
-    return [long, short, zloss, going]
+    # still going, with an evaluation earlier than anyone's last: it must not set T
+    going = make_run(tmp_path / "going", "cce", {10: (7.5, 3.0, 900.0, 2**21, 0.05)}, {10: (3.0, dist(7.0, 0.01))},
+                     state="running", steps=100)
+    stopped = make_run(tmp_path / "stopped", "cce", {10: (7.6, 3.5, 800.0, 2**21, 0.04)}, {}, state="stopped", steps=100)
+    return [long, short, zloss, going, stopped]
 
 
 def test_table_numbers_come_from_the_latest_attempts_records(runs, tmp_path):
@@ -73,7 +76,7 @@ def test_table_numbers_come_from_the_latest_attempts_records(runs, tmp_path):
     table = [dict(zip(titles, row)) for row in rows]
     # T: the shortest finished run's last evaluation (hsm, 25 s); the running run does not set it
     assert seconds == 25.0
-    softmax, hsm, zloss, going = table
+    softmax, hsm, zloss, going, stopped = table
     # the resumed run: only the resumed attempt's records from step 40 on
     evals = {20: (20.0, 6.0), 40: (40.0, 5.0), 60: (60.0, 5.2)}
     assert softmax["val loss"] == 5.2 and softmax["best val loss"] == 5.0
@@ -92,9 +95,11 @@ def test_table_numbers_come_from_the_latest_attempts_records(runs, tmp_path):
     assert zloss["val loss"] is None and zloss["ppl"] is None and zloss["bits/byte"] is None
     assert zloss["top-1"] == 0.22 and zloss["top-1 @T"] == pytest.approx(np.interp(25.0, [15, 30], [0.12, 0.22]))
     assert zloss["head"] == "zloss"
-    # the running run without an evaluation
-    assert going["state"] == "running" and going["steps"] == "10/100" and going["val loss"] is None
+    # the running run: what it has logged; past its last evaluation at T
+    assert going["state"] == "running" and going["steps"] == "10/100" and going["val loss"] == 7.0
     assert going["bits/byte @T"] is None and going["tokens/s"] == 900.0
+    # the stopped run without an evaluation
+    assert stopped["state"] == "stopped, no eval" and stopped["val loss"] is None and stopped["top-1"] is None
 
 
 def test_report_files_and_plots(runs, tmp_path):
@@ -112,9 +117,9 @@ def test_report_files_and_plots(runs, tmp_path):
             # something was drawn besides axes: more than a handful of colours
             assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20
         assert f"]({picture.name})" in text
-    assert "going is still running" in text and "going has no evaluation" in text
+    assert "going is still running" in text and "stopped has no evaluation" in text
     assert "zloss (zloss) is not a probability model" in text
-    assert "`head.type`: softmax = softmax, hsm = hsm, zloss = zloss, going = cce" in text
+    assert "`head.type`: softmax = softmax, hsm = hsm, zloss = zloss, going = cce, stopped = cce" in text
     assert (tmp_path / "report" / "table.md").read_text() in text
 
 
