@@ -123,4 +123,4 @@ def markdown_table(runs: list[Run]) -> str:
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     t = "no run has an evaluation" if seconds is None else f"T = {seconds:.1f} s"
     return "\n".join(lines) + f"\n\n@T: at equal wall-clock, {t} of training (the shortest run's), interpolated " \
-        "linearly between evaluations.\n"
+        "linearly between evaluations; – where a run had not evaluated by then (a smaller eval.every reads finer).\n"
