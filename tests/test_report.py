@@ -19,12 +19,12 @@ from llmtrain.train.status import write_status
 TOKENS_PER_STEP = 2048
 
 
-def make_run(path, head, train, evals, state="complete", steps=None, resumed_at=None):
+def make_run(path, head, train, evals, state="complete", steps=None, resumed_at=None, more=()):
     """A run folder: the tiny recipe with `head`, train records {step: (loss, train_s, tokens/s,
     peak, mfu)}, eval records {step: (train_s, val dict)}; `resumed_at`: the records from that
     step on are logged twice, first by an abandoned attempt with other values."""
     path.mkdir(parents=True)
-    overrides = [f"head.type={head}", f"train.steps={steps or max(train)}"]
+    overrides = [f"head.type={head}", f"train.steps={steps or max(train)}", *more]
     (path / "recipe.resolved.yaml").write_text(load_recipe(ROOT / "recipes" / "tiny.yaml", overrides).to_yaml())
     lines = []
     def log(step, abandoned=False):
@@ -144,3 +144,18 @@ def test_compare_command_and_its_errors(runs, tmp_path):
     (runs[1] / "metrics.jsonl").write_text("\n".join(lines[:2] + ["garbage"] + lines[2:]) + "\n")
     proc = llmtrain("compare", runs[1], "--out", tmp_path / "bad", check=False)
     assert proc.returncode == 2 and "metrics.jsonl: line 3 is not JSON" in proc.stderr
+
+
+def test_tempnet_columns_only_where_a_run_has_the_network(runs, tmp_path):
+    titles, _, _ = table_rows([read_run(p) for p in runs])
+    assert not any("τ" in t for t in titles)
+    tau = {"val_loss_tau": 4.0, "val_ppl_tau": float(np.exp(4.0)), "val_tau_mean": 1.5, "val_tau_min": 0.7,
+           "val_tau_max": 2.25}
+    tempnet = make_run(tmp_path / "tempnet", "cce", {10: (9.0, 5.0, 700.0, 2**22, 0.01)},
+                       {10: (5.0, {**dist(4.2, 0.2), **tau})}, steps=20, more=["temperature.enabled=true"])
+    titles, rows, _ = table_rows([read_run(p) for p in (runs[0], tempnet)])
+    softmax, row = (dict(zip(titles, r)) for r in rows)
+    assert row["ppl @τ"] == pytest.approx(np.exp(4.0)) and softmax["ppl @τ"] is None
+    assert row["bits/byte @τ"] == pytest.approx(4.0 / np.log(2) / 3.5)  # the same 3.5 bytes per token
+    assert row["τ mean [min, max]"] == "1.50 [0.70, 2.25]"
+    assert row["head"] == "cce + TempNet (joint)"
