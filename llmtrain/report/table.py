@@ -58,6 +58,7 @@ class Column:
     title: str
     value: Callable[[Run, float | None], Any]
     fmt: Callable[[Any], str] = str
+    optional: bool = False  # shown only when some run has a value (TempNet's columns)
 
 
 def _last(key: str) -> Callable[[Run, float | None], Any]:
@@ -66,6 +67,20 @@ def _last(key: str) -> Callable[[Run, float | None], Any]:
 
 def _best(key: str) -> Callable[[Run, float | None], Any]:
     return lambda run, _: min((r[key] for r in run.evals if key in r), default=None)
+
+
+def _bpb_at_tau(run: Run, _) -> float | None:
+    """Bits per byte of the tempered distribution: its loss over the bytes per token, which the
+    last evaluation gives as val_loss / (ln 2 · val_bpb)."""
+    last = next((r for r in reversed(run.evals) if "val_loss_tau" in r), None)
+    if last is None or not last.get("val_loss"):
+        return None
+    return last["val_loss_tau"] * last["val_bpb"] / last["val_loss"]
+
+
+def _tau(run: Run, _) -> str | None:
+    last = next((r for r in reversed(run.evals) if "val_tau_mean" in r), None)
+    return None if last is None else f"{last['val_tau_mean']:.2f} [{last['val_tau_min']:.2f}, {last['val_tau_max']:.2f}]"
 
 
 def _number(spec: str) -> Callable[[Any], str]:
@@ -100,6 +115,9 @@ COLUMNS = (
     Column("ppl", _last("val_ppl"), _number(".2f")),
     Column("bits/byte", _last("val_bpb"), _number(".4f")),
     Column("best bits/byte", _best("val_bpb"), _number(".4f")),
+    Column("ppl @τ", _last("val_ppl_tau"), _number(".2f"), optional=True),
+    Column("bits/byte @τ", _bpb_at_tau, _number(".4f"), optional=True),
+    Column("τ mean [min, max]", _tau, optional=True),
     Column("top-1", _last("val_top1"), _number(".4f")),
     Column("top-5", _last("val_top5"), _number(".4f")),
     Column("top-10", _last("val_top10"), _number(".4f")),
@@ -111,15 +129,23 @@ MISSING = "–"
 
 def table_rows(runs: list[Run]) -> tuple[list[str], list[list[Any]], float | None]:
     """(titles, raw values per run, T): the values unformatted, for the markdown and for tests."""
+    columns, rows, seconds = _table(runs)
+    return [c.title for c in columns], rows, seconds
+
+
+def _table(runs: list[Run]) -> tuple[list[Column], list[list[Any]], float | None]:
     seconds = equal_time_seconds(runs)
-    return [c.title for c in COLUMNS], [[c.value(run, seconds) for c in COLUMNS] for run in runs], seconds
+    values = [[c.value(run, seconds) for c in COLUMNS] for run in runs]
+    keep = [i for i, c in enumerate(COLUMNS) if not c.optional or any(row[i] is not None for row in values)]
+    return [COLUMNS[i] for i in keep], [[row[i] for i in keep] for row in values], seconds
 
 
 def markdown_table(runs: list[Run]) -> str:
-    titles, rows, seconds = table_rows(runs)
+    columns, rows, seconds = _table(runs)
+    titles = [c.title for c in columns]
     lines = ["| " + " | ".join(titles) + " |", "|" + "|".join(" --- " if i < 3 else " ---: " for i in range(len(titles))) + "|"]
     for row in rows:
-        cells = [MISSING if v is None else c.fmt(v) for c, v in zip(COLUMNS, row)]
+        cells = [MISSING if v is None else c.fmt(v) for c, v in zip(columns, row)]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     t = "no run has an evaluation" if seconds is None else f"T = {seconds:.1f} s"
     return "\n".join(lines) + f"\n\n@T: at equal wall-clock, {t} of training (the shortest run's), interpolated " \
