@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import ROOT, checkout_env
 from llmtrain.cli import app
 
-TRAINS = ("run", "export", "generate", "bench", "checkpoint")  # need a run, or start worker processes
+TRAINS = ("run", "export", "generate", "bench", "checkpoint", "compare", "study")  # need a run, or start worker processes
 
 
 def _commands(group, path=()):
