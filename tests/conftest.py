@@ -71,6 +71,47 @@ def saved_for_backward(module, forward) -> int:
     return sum(kept.values())
 
 
+# Wall-clock and memory figures: they differ between two runs of the same computation.
+VOLATILE = {"time", "train_s", "tokens_per_s", "peak_mem_bytes"}
+
+
+def metrics_lines(run: Path) -> list[str]:
+    """metrics.jsonl's lines, exactly as written (a torn last line left out)."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return lines if not lines or lines[-1].endswith("}") else lines[:-1]
+
+
+def logged(run: Path) -> dict:
+    """Every record of a run keyed by (step, "train" or "eval"), less the VOLATILE figures."""
+    out = {}
+    for r in map(json.loads, metrics_lines(run)):
+        out[r["step"], "train" if "loss" in r else "eval"] = {k: v for k, v in r.items() if k not in VOLATILE}
+    return out
+
+
+def assert_resumed_exactly(run: Path, straight: Path, first_segment: list[str], resume_output: str):
+    """`run` stopped at a checkpoint of step K (`first_segment`: its metrics.jsonl lines then) and was
+    resumed to the end (`resume_output`: what the resuming command printed). The resume loaded step
+    K; the records of steps 1..K are the first segment's, untouched (a run that started over
+    would rewrite them with new times); the resumed part logs only steps after K; and every logged
+    quantity (loss, lr, tokens_seen, head metrics, val_* at every eval) equals the uninterrupted
+    `straight` run's exactly. Returns K."""
+    loaded = [line for line in resume_output.splitlines() if "resuming from" in line]
+    assert loaded, f"the resume said nothing of what it loaded:\n{resume_output[-2000:]}"
+    k = int(loaded[-1].split("(step ")[1].split(",")[0])
+    kept = [line for line in first_segment if json.loads(line)["step"] <= k]
+    assert kept and json.loads(kept[-1])["step"] == k, f"the first segment did not log step {k}"
+    now = metrics_lines(run)
+    assert now[:len(kept)] == kept, "the first segment's records were rewritten"
+    assert all(json.loads(line)["step"] > k for line in now[len(kept):]), "the resumed run logged steps up to K again"
+    ours, reference = logged(run), logged(straight)
+    assert ours.keys() == reference.keys()
+    for key in sorted(reference):
+        assert ours[key] == reference[key], f"{key}: resumed {ours[key]} != uninterrupted {reference[key]}"
+    return k
+
+
 def by_step(run: Path, key="loss") -> dict:
     """{step: value} of a run's metrics.jsonl records that have `key`."""
     return {r["step"]: r[key] for r in records(run, key)}
