@@ -116,8 +116,9 @@ def assert_resumed_exactly(run: Path, straight: Path, first_segment: list[str], 
 
 
 def validation_blocks(run: Path):
-    """[n, seq_len + 1] the validation blocks of a run's evaluation, read as raw uint32 from its
-    shards: every rank's share of eval.batches micro-batches, which are the first n blocks."""
+    """[n, seq_len + 1] the validation blocks a run's evaluation reads, as raw uint32 from its
+    shards: on each rank, eval.batches micro-batches starting where the worker starts them (a
+    small split is read more than once)."""
     import numpy as np
     import torch
 
@@ -126,10 +127,11 @@ def validation_blocks(run: Path):
     stream = np.concatenate([np.fromfile(val / s["file"], dtype=np.uint32)
                              for s in json.loads((val / "shards.json").read_text())["shards"]])
     block = saved["model"]["seq_len"] + 1
+    blocks = torch.from_numpy(stream[:len(stream) // block * block].astype(np.int64)).view(-1, block)
     world = saved["launch"]["ranks_per_node"] * saved["launch"]["nodes"]
-    n = world * saved["eval"]["batches"] * saved["train"]["micro_batch"]
-    assert len(stream) // block >= n  # evaluation then reads the first n blocks, each once
-    return torch.from_numpy(stream[:n * block].astype(np.int64)).view(n, block)
+    mb, n = saved["train"]["micro_batch"], len(blocks)
+    starts = [((b * world + rank) * mb) % max(1, n - mb + 1) for b in range(saved["eval"]["batches"]) for rank in range(world)]
+    return blocks[[i for s in starts for i in range(s, min(s + mb, n))]]
 
 
 def independent_validation_metrics(run: Path, hf_folder: Path) -> dict:
@@ -155,7 +157,16 @@ def independent_validation_metrics(run: Path, hf_folder: Path) -> dict:
     assert all(c in to_byte for t, piece in zip(targets.tolist(), pieces) if t not in special for c in piece)
     nbytes = sum(0 if t in special else len(piece) for t, piece in zip(targets.tolist(), pieces))
     out = {f"val_top{k}": hits[:, :k].any(1).sum().item() / len(targets) for k in (1, 5, 10)}
-    return {"val_loss": nll / len(targets), "val_bpb": nll / (math.log(2) * nbytes), **out, "tokens": len(targets)}
+    return {"val_loss": nll / len(targets), "val_bpb": nll / (math.log(2) * nbytes), **out,
+            "one_token": top_k_tolerance(blocks)}
+
+
+def top_k_tolerance(blocks) -> float:
+    """The share of the evaluated tokens that one token position is (blocks read n times count n
+    times): float32 against float64, one near tie may rank differently."""
+    import torch
+
+    return torch.unique(blocks, dim=0, return_counts=True)[1].max().item() / blocks[:, 1:].numel()
 
 
 def by_step(run: Path, key="loss") -> dict:
