@@ -59,7 +59,8 @@ def test_zero3_trains_checkpoints_and_evaluates(recipe, tmp_path):
 
 def test_tempnet_stop_after_then_resume_auto_continues_exactly(recipe, tmp_path):
     """TempNet's dropout (0.5) draws from every rank's RNG each step: the resumed run's losses and
-    τ equal the uninterrupted run's only if the saved RNG streams are restored."""
+    τ equal the uninterrupted run's only if the saved RNG streams are restored. Then the run
+    exports with its network and generates at its predicted temperatures."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     llmtrain("run", recipe, "--out", straight, *TEMPNET)
     first = llmtrain("run", recipe, "--out", split, "--stop-after", 3, *TEMPNET)
@@ -74,6 +75,13 @@ def test_tempnet_stop_after_then_resume_auto_continues_exactly(recipe, tmp_path)
     assert {"tau_mean", "lr_temperature"} <= records(split)[-1].keys()
     train_s = [r["train_s"] for r in records(split)]  # carried over the resume, not restarted
     assert all(a < b for a, b in zip(train_s, train_s[1:]))
+    # the network is part of the trained model: exported with it, and sampling at its τ
+    from llmtrain.export import load_exported
+
+    llmtrain("export", split, "--out", tmp_path / "export")
+    assert load_exported(tmp_path / "export").head.temperature is not None
+    auto = llmtrain("generate", split, "--prompt", "def main(", "--temperature", "auto", "--max-new-tokens", 4)
+    assert auto.stdout.startswith("def main(") and len(auto.stdout) > len("def main(\n")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
