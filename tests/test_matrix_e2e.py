@@ -18,9 +18,11 @@ Cells: each code path once, not the whole product (heads × ZeRO stages × optio
   zero3     hsm      3      bf16                           hsm's clusters from the data, its eval under
                                                            ZeRO-3 (weights gathered outside forward),
                                                            bf16 mode, a ZeRO-3 resume on the same ranks
-  torchrun  cce      2 → 3  the torchrun launcher          cce; torchrun; a resume that changes the ZeRO
+  torchrun  cce      1 → 2  the torchrun launcher          cce; torchrun; a resume that changes the ZeRO
                                                            stage (a universal checkpoint), held to the
-                                                           uninterrupted ZeRO-3 run to 1e-6
+                                                           uninterrupted ZeRO-2 run to 1e-6; the same
+                                                           checkpoint refused at ZeRO-3 (exit 2: DeepSpeed
+                                                           0.19.8 cannot load ZeRO-1/2 files at stage 3)
 
 Covered elsewhere, not repeated: softmax at ZeRO-2 and ZeRO-3, SIGTERM/SIGINT/--stop-after resumes
 and TempNet's dropout across a resume (test_train_e2e); SIGUSR1 under SLURM, 2 → 1 → 2 ranks, a
@@ -106,10 +108,20 @@ def test_cell_trains_resumes_exactly_and_exports(recipe, tmp_path, cell):
 
 
 def test_torchrun_cce_resume_changes_the_zero_stage(recipe, tmp_path):
-    z3, z2 = ["launch.launcher=torchrun", "head.type=cce", "deepspeed.zero_stage=3"], ["head.type=cce",
-                                                                                       "deepspeed.zero_stage=2"]
-    run = train_and_resume(recipe, tmp_path, z3, z2, z3, rel=1e-6)
-    assert (run / "checkpoints" / "universal").is_dir()
-    llmtrain("export", run, "--out", tmp_path / "export")
-    theirs = independent_validation_metrics(run, tmp_path / "export" / "hf")
-    assert records(run, "val_loss")[-1]["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)
+    z2, z1 = ["launch.launcher=torchrun", "head.type=cce", "deepspeed.zero_stage=2"], ["head.type=cce",
+                                                                                       "deepspeed.zero_stage=1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    llmtrain("run", recipe, "--out", split, *SHORT, *z1, "--stop-after", 2)
+    refused = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, "head.type=cce",
+                       "deepspeed.zero_stage=3", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "ZeRO-1 checkpoint with deepspeed.zero_stage=3" in refused.stderr
+    assert not (split / "checkpoints" / "universal").exists() and len(records(split)) == 2
+    llmtrain("run", recipe, "--out", straight, *SHORT, *z2)
+    segment = metrics_lines(split)
+    resumed = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, *z2)
+    assert "universal checkpoint" in resumed.stderr
+    assert assert_resumed_exactly(split, straight, segment, resumed.stderr, rel=1e-6) == 2
+    llmtrain("export", split, "--out", tmp_path / "export")
+    theirs = independent_validation_metrics(split, tmp_path / "export" / "hf")
+    assert records(split, "val_loss")[-1]["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)
