@@ -327,7 +327,8 @@ class Worker:
                 print("note: --allow-data-change: the data changed size; its order starts from the beginning",
                       file=sys.stderr, flush=True)
         # RNG streams are per rank: on another world size they cannot be matched, so they stay
-        # freshly seeded. The model has no dropout, so no training step draws from them today.
+        # freshly seeded. The temperature network's dropout draws from them: only a resume on the
+        # same world size continues its masks exactly (the body and heads draw nothing).
         if client.get("world_size") == self.world:
             set_rng_state(client["rng"][self.rank])
 
