@@ -489,6 +489,68 @@ def generate(
     sys.stdout.write(text + "\n")
 
 
+@app.command()
+@user_errors
+def compare(
+    runs: List[Path] = typer.Argument(..., metavar="RUN...", help="run folders (made by `llmtrain run --out`)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="report folder [default: runs/compare-<time>]",
+                                       show_default=False),
+):
+    """Compare runs side by side: a table, PNG plots and index.md tying them.
+
+    The table: head and options, steps, tokens, training seconds, tokens/s, MFU, peak memory per
+    rank, final and best validation loss, perplexity, bits per byte (comparable across tokenizers),
+    top-1/5/10, and bits per byte and top-1 at equal wall-clock (each run's value at the shortest
+    run's training seconds, interpolated between evaluations). Plots: validation bits per byte
+    against tokens and against training seconds, top-1 against tokens, training loss against
+    steps, tokens/s and MFU. Runs may differ in length, be resumed or still running; the report
+    files in --out are replaced, nothing else there is touched.
+
+    Example (after two `llmtrain run` commands):
+
+    \b
+      llmtrain compare runs/tiny runs/tiny-z3 --out reports/tiny
+    """
+    from llmtrain.report.index import compare_runs
+
+    index = compare_runs(list(runs), out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    sys.stdout.write((index.parent / "table.md").read_text())
+    err.print(f"wrote {index} (table.md and the plots beside it)")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def study(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="recipe YAML file"),
+    args: Optional[List[str]] = typer.Argument(
+        None, metavar="[KEY=VALUE]... --variant NAME [KEY=VALUE]...", show_default=False,
+        help="overrides for every variant, then each variant: --variant, its name (its folder under --out) and "
+        "its overrides"),
+    out: Path = typer.Option(..., "--out", "-o", help="the study's folder: one run folder per variant, report/, "
+                             "study.yaml"),
+    equal_time: bool = typer.Option(False, "--equal-time", help="also train each variant after the first for the "
+                                    "first one's training seconds (folder NAME-equal-time)"),
+):
+    """Train variants of a recipe one after another, then compare them (report/index.md).
+
+    Each variant is an ordinary run folder under --out, trained by `llmtrain run` with the
+    recipe, the common overrides and its own. Interrupted (Ctrl-C, SIGTERM: the variant in
+    progress saves and stops), the same command continues: complete variants are skipped, the
+    interrupted one resumes from its checkpoint. --equal-time: each later variant also trains for
+    as many steps as fit in the first variant's training seconds at its own speed. Exit codes as
+    `llmtrain run`'s, of the variant that ended the study.
+
+    Example (after `llmtrain recipe copy tiny my-tiny.yaml`):
+
+    \b
+      llmtrain study my-tiny.yaml train.steps=12 --variant softmax head.type=softmax --variant hsm head.type=hsm --out runs/study
+    """
+    from llmtrain.report.study import parse_study_args, run_study
+
+    common, variants = parse_study_args(list(args or []))
+    raise typer.Exit(run_study(recipe_path, common, variants, out, equal_time, log=err.print))
+
+
 @recipe_app.command("check")
 @user_errors
 def recipe_check(

@@ -24,6 +24,7 @@ import yaml
 from llmtrain.train.checkpoint import META, complete_checkpoints, read_meta
 from llmtrain.data.prepare import PreparedData
 from llmtrain.errors import UserError
+from llmtrain.heads.temperature import attach_temperature
 from llmtrain.model.language_model import LanguageModel
 from llmtrain.recipe import Recipe
 from llmtrain.train.universal import UNIVERSAL_DIR, saved_stage
@@ -72,6 +73,15 @@ def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.T
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
+def trained_model(recipe: Recipe, vocab_size: int) -> LanguageModel:
+    """The recipe's model as it was trained, weights to be loaded: with its temperature network
+    when the recipe has one (the worker attaches it the same way)."""
+    model = LanguageModel(recipe.model, recipe.head_spec(), vocab_size, load_weights=False)
+    if recipe.temperature.enabled:
+        attach_temperature(model.head, **recipe.temperature.network_options())
+    return model
+
+
 def load_run(target: Path) -> LoadedRun:
     """The model of a run's checkpoint, consolidated, with its recipe and tokenizer."""
     tag_dir = find_checkpoint(target)
@@ -79,7 +89,7 @@ def load_run(target: Path) -> LoadedRun:
     recipe = Recipe.model_validate(meta["recipe"])
     tokenizer_path, vocab_size = _tokenizer_of(tag_dir, meta)
     state = consolidated_state_dict(tag_dir, saved_stage(meta))
-    model = LanguageModel(recipe.model, recipe.head_spec(), vocab_size, load_weights=False)
+    model = trained_model(recipe, vocab_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{tag_dir}: the checkpoint does not match its recipe's model "
@@ -156,6 +166,6 @@ def load_exported(folder: Path) -> LanguageModel:
     recipe = Recipe.model_validate(yaml.safe_load((folder / "recipe.yaml").read_text()))
     state = load_file(str(folder / "model.safetensors"))
     vocab_size = json.loads((folder / META).read_text())["vocab_size"]  # the tokenizer's
-    model = LanguageModel(recipe.model, recipe.head_spec(), vocab_size, load_weights=False)
+    model = trained_model(recipe, vocab_size)
     model.load_state_dict(state, strict=True)
     return model.eval()

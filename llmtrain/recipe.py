@@ -190,6 +190,9 @@ class TemperatureConfig(Section):
     rho: float = Field(8.0, ge=0, description="KL budget ρ: τ drives the tempered entropy towards log V − ρ (authors' GPT-2: 8)")
     width: int = Field(256, ge=1, description="hidden width of the network (authors: 256)")
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout after the first layer (authors' code: 0.5)")
+    init_tau: float | None = Field(
+        None, gt=0, description="τ at initialization, set through the pooling bias (default: the authors' bias 0, "
+        "τ near the middle of [tau_min, tau_max]; 1 starts from the untempered loss)")
     lr: float = Field(2e-6, gt=0, description="the network's own learning rate (authors' GPT-2: constant 2e-6)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="constant, or cosine: follow train.* warm-up and decay scaled to lr")
@@ -205,6 +208,9 @@ class TemperatureConfig(Section):
     def _consistent(self):
         if self.tau_min >= self.tau_max:
             raise ValueError(f"tau_min ({self.tau_min}) must be below tau_max ({self.tau_max})")
+        if self.init_tau is not None and not self.tau_min < self.init_tau < self.tau_max:
+            raise ValueError(f"init_tau ({self.init_tau}) must lie strictly between tau_min ({self.tau_min}) and "
+                             f"tau_max ({self.tau_max})")
         if self.enabled and self.mode == "frozen_body" and not self.init_from:
             raise ValueError("mode frozen_body needs temperature.init_from: the run or checkpoint to train on top of")
         if self.init_from and self.mode != "frozen_body":
@@ -213,13 +219,14 @@ class TemperatureConfig(Section):
 
     def network_options(self) -> dict[str, Any]:
         """The keyword arguments of heads.temperature.attach_temperature."""
-        return self.model_dump(include={"width", "tau_min", "tau_max", "rho", "dropout"})
+        return self.model_dump(include={"width", "tau_min", "tau_max", "rho", "dropout", "init_tau"})
 
     def identity(self) -> dict[str, Any] | None:
-        """What changes the trained model (not lr, init_from): None when disabled."""
+        """What changes the trained model (not lr, init_from, nor init_tau: a resumed network's bias
+        comes from its checkpoint): None when disabled."""
         if not self.enabled:
             return None
-        return {**self.network_options(), "mode": self.mode}
+        return {**{k: v for k, v in self.network_options().items() if k != "init_tau"}, "mode": self.mode}
 
 
 # A run name goes into file names (runs/<name>-<time>) and the SLURM script: no separators, no shell.

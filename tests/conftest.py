@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import socket
 import subprocess
@@ -69,6 +70,103 @@ def saved_for_backward(module, forward) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
     return sum(kept.values())
+
+
+# Wall-clock and memory figures: they differ between two runs of the same computation.
+VOLATILE = {"time", "train_s", "tokens_per_s", "peak_mem_bytes"}
+
+
+def metrics_lines(run: Path) -> list[str]:
+    """metrics.jsonl's lines, exactly as written (a torn last line left out)."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return lines if not lines or lines[-1].endswith("}") else lines[:-1]
+
+
+def logged(run: Path) -> dict:
+    """Every record of a run keyed by (step, "train" or "eval"), less the VOLATILE figures."""
+    out = {}
+    for r in map(json.loads, metrics_lines(run)):
+        out[r["step"], "train" if "loss" in r else "eval"] = {k: v for k, v in r.items() if k not in VOLATILE}
+    return out
+
+
+def assert_resumed_exactly(run: Path, straight: Path, first_segment: list[str], resume_output: str, rel: float = 0.0):
+    """`run` stopped at a checkpoint of step K (`first_segment`: its metrics.jsonl lines then) and was
+    resumed to the end (`resume_output`: what the resuming command printed). The resume loaded step
+    K; the records of steps 1..K are the first segment's, untouched (a run that started over
+    would rewrite them with new times); the resumed part logs only steps after K; and every logged
+    quantity (loss, lr, tokens_seen, head metrics, val_* at every eval) equals the uninterrupted
+    `straight` run's exactly (floats within `rel` where the resume changed how the sums are
+    ordered, e.g. another ZeRO stage). Returns K."""
+    loaded = [line for line in resume_output.splitlines() if "resuming from" in line]
+    assert loaded, f"the resume said nothing of what it loaded:\n{resume_output[-2000:]}"
+    k = int(loaded[-1].split("(step ")[1].split(",")[0])
+    kept = [line for line in first_segment if json.loads(line)["step"] <= k]
+    assert kept and json.loads(kept[-1])["step"] == k, f"the first segment did not log step {k}"
+    now = metrics_lines(run)
+    assert now[:len(kept)] == kept, "the first segment's records were rewritten"
+    assert all(json.loads(line)["step"] > k for line in now[len(kept):]), "the resumed run logged steps up to K again"
+    ours, reference = logged(run), logged(straight)
+    assert ours.keys() == reference.keys()
+    for key in sorted(reference):
+        expected = {k: pytest.approx(v, rel=rel) if rel and isinstance(v, float) else v for k, v in reference[key].items()}
+        assert ours[key] == expected, f"{key}: resumed {ours[key]} != uninterrupted {reference[key]}"
+    return k
+
+
+def validation_blocks(run: Path):
+    """[n, seq_len + 1] the validation blocks a run's evaluation reads, as raw uint32 from its
+    shards: on each rank, eval.batches micro-batches starting where the worker starts them (a
+    small split is read more than once)."""
+    import numpy as np
+    import torch
+
+    saved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
+    val = Path(json.loads((run / "data.json").read_text())["val_path"])
+    stream = np.concatenate([np.fromfile(val / s["file"], dtype=np.uint32)
+                             for s in json.loads((val / "shards.json").read_text())["shards"]])
+    block = saved["model"]["seq_len"] + 1
+    blocks = torch.from_numpy(stream[:len(stream) // block * block].astype(np.int64)).view(-1, block)
+    world = saved["launch"]["ranks_per_node"] * saved["launch"]["nodes"]
+    mb, n = saved["train"]["micro_batch"], len(blocks)
+    starts = [((b * world + rank) * mb) % max(1, n - mb + 1) for b in range(saved["eval"]["batches"]) for rank in range(world)]
+    return blocks[[i for s in starts for i in range(s, min(s + mb, n))]]
+
+
+def independent_validation_metrics(run: Path, hf_folder: Path) -> dict:
+    """val_loss, val_bpb and val_top1/5/10 of the run's final evaluation recomputed in float64 from
+    the exported Hugging Face folder alone (transformers' Llama, not our body or head), the raw
+    uint32 validation shards, and the exported tokenizer through AutoTokenizer (bytes per token by
+    GPT-2's byte map): nothing of llmtrain's evaluation code."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from test_data import gpt2_byte_decoder
+
+    blocks = validation_blocks(run)
+    targets = blocks[:, 1:].flatten()
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float64).eval()
+    with torch.no_grad():
+        logits = hf(blocks[:, :-1]).logits.flatten(0, 1)
+    nll = -torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum().item()
+    hits = logits.topk(10).indices == targets[:, None]
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf_folder))
+    to_byte, special = gpt2_byte_decoder(), set(tok.all_special_ids)
+    pieces = tok.convert_ids_to_tokens(targets.tolist())
+    assert all(c in to_byte for t, piece in zip(targets.tolist(), pieces) if t not in special for c in piece)
+    nbytes = sum(0 if t in special else len(piece) for t, piece in zip(targets.tolist(), pieces))
+    out = {f"val_top{k}": hits[:, :k].any(1).sum().item() / len(targets) for k in (1, 5, 10)}
+    return {"val_loss": nll / len(targets), "val_bpb": nll / (math.log(2) * nbytes), **out,
+            "one_token": top_k_tolerance(blocks)}
+
+
+def top_k_tolerance(blocks) -> float:
+    """The share of the evaluated tokens that one token position is (blocks read n times count n
+    times): float32 against float64, one near tie may rank differently."""
+    import torch
+
+    return torch.unique(blocks, dim=0, return_counts=True)[1].max().item() / blocks[:, 1:].numel()
 
 
 def by_step(run: Path, key="loss") -> dict:

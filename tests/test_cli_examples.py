@@ -1,6 +1,7 @@
 """The examples in every command's --help work when pasted in order: the main help's chain first
 (copy a recipe, check it, train, resume, export, generate), then each command's own. The fast test
-runs the ones that start no training; the slow one runs them all through real processes."""
+runs the ones that start no training; the slow one runs them all, in order, those that train
+(or read a run) through real processes."""
 
 import os
 import shlex
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import ROOT, checkout_env
 from llmtrain.cli import app
 
-TRAINS = ("run", "export", "generate", "bench", "checkpoint")  # need a run, or start worker processes
+TRAINS = ("run", "export", "generate", "bench", "checkpoint", "compare", "study")  # need a run, or start worker processes
 
 
 def _commands(group, path=()):
@@ -64,11 +65,21 @@ def test_examples_that_start_no_training_work_in_order(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # three short trainings, an export, generation and benchmarks on 2 cores
-def test_every_example_works_pasted_in_order(tmp_path):
+def test_every_example_works_pasted_in_order(tmp_path, monkeypatch):
+    """In order; those that start no training in this process (as the fast test runs them: the
+    same code, without a fresh interpreter each), the rest as real processes."""
     cwd = _workspace(tmp_path)
-    env = {**checkout_env(), "LLMTRAIN_CACHE": str(ROOT / ".cache" / "llmtrain")}  # the checkout's data cache
+    monkeypatch.chdir(cwd)
+    cache = str(ROOT / ".cache" / "llmtrain")  # the checkout's data cache
+    monkeypatch.setenv("LLMTRAIN_CACHE", cache)
+    env = {**checkout_env(), "LLMTRAIN_CACHE": cache}
     for example in help_examples():
-        proc = subprocess.run([sys.executable, "-m", "llmtrain.cli", *shlex.split(example)[1:]], cwd=cwd, env=env,
+        args = shlex.split(example)[1:]
+        if args[0] not in TRAINS:
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, f"{example}\n{result.output}"
+            continue
+        proc = subprocess.run([sys.executable, "-m", "llmtrain.cli", *args], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{example}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert (cwd / "exported" / "tiny" / "model.safetensors").is_file()

@@ -17,6 +17,10 @@ BAD_BYTES = os.fsdecode(b"bad\xff\xfename")  # how Python hands undecodable argv
 
 # (command line, words the message must hold: the key, flag or file)
 HOSTILE = [
+    (["compare", "no[/]such/run"], ["no[/]such/run", "no such folder"]),
+    (["compare", BAD_BYTES], ["bad\\udcff\\udcfename", "no such folder"]),
+    (["study", TINY, "--variant", "a\nb", "head.type=cce", "--out", "s"], ["--variant", "folder under --out"]),
+    (["study", TINY, "--variant", "a", "train.steps=1e999", "--out", "s"], ["--variant a", "train.steps"]),
     (["recipe", "check", TINY, "train.betas=[0.9, 0.95"], ["train.betas", "not valid YAML"]),
     (["recipe", "check", TINY, "head.type='cce"], ["head.type", "not valid YAML"]),
     (["recipe", "check", TINY, 'data.source="unclosed'], ["data.source", "not valid YAML"]),

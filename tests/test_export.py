@@ -1,6 +1,7 @@
 """Export and generate without DeepSpeed: the Llama mapping against transformers' own model,
 state-dict round trips for every head, sampling through the head, and the errors."""
 
+import json
 
 import pytest
 import torch
@@ -55,15 +56,42 @@ def test_heads_without_a_llama_equivalent_say_why(head, reason):
 
 
 @pytest.mark.parametrize("head", [{"type": "softmax"}, {"type": "cce"}, {"type": "hsm"}, {"type": "zloss"}])
-def test_state_dict_round_trip_keeps_every_head_exact(head):
-    """What export writes (the state dict, buffers included: hsm clusters, zloss calibration)
-    rebuilds the same model."""
+def test_export_round_trip_keeps_every_parameter_and_buffer_of_every_head(head, tmp_path):
+    """Every parameter and persistent buffer (hsm's cluster table from the data, zloss's fitted
+    calibration) moved off the value a freshly built model has, written as export writes it
+    (safetensors), read back by load_exported into a model built from another seed: all equal,
+    and so is what the head computes from them."""
+    from safetensors.torch import save_file
+
+    from llmtrain.export import load_exported
+
     recipe, model = tiny(head)
-    model.head.prepare(torch.arange(VOCAB, 0, -1))
-    again = LanguageModel(recipe.model, recipe.head_spec(), VOCAB).eval()
-    again.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, strict=True)
-    hidden = model.body(torch.randint(0, VOCAB, (1, 16)))
-    torch.testing.assert_close(again.head.topk(hidden[0], 5), model.head.topk(hidden[0], 5), rtol=0, atol=0)
+    fresh = LanguageModel(recipe.model, recipe.head_spec(), VOCAB)
+    counts = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3)) ** 2  # not in id order
+    model.head.prepare(counts)
+    hidden = model.body(torch.randint(0, VOCAB, (2, 16))).flatten(0, 1).detach()
+    targets = torch.randint(0, VOCAB, (32,))
+    if head["type"] == "zloss":
+        model.head.fit_calibration(hidden, targets)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    moved = [k for k, v in fresh.state_dict().items() if not torch.equal(v, state[k])]
+    buffers = [k for k, _ in model.named_buffers() if k in state]
+    assert set(buffers) <= set(moved), "a buffer left at its default proves nothing"
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())
+    (tmp_path / "llmtrain.json").write_text(json.dumps({"vocab_size": VOCAB}))
+    torch.manual_seed(99)
+    again = load_exported(tmp_path)
+    ours, theirs = dict(model.named_buffers()), dict(again.named_buffers())
+    assert ours.keys() == theirs.keys()
+    for name in ours:  # persistent or derived from what is (hsm's row maps, RoPE tables)
+        assert torch.equal(ours[name], theirs[name]), name
+    for (name, p), q in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name
+    with torch.no_grad():
+        assert torch.equal(again.head.topk(hidden, 5), model.head.topk(hidden, 5))
+        score = "calibrated_token_logprobs" if head["type"] == "zloss" else "token_logprobs"
+        assert torch.equal(getattr(again.head, score)(hidden, targets), getattr(model.head, score)(hidden, targets))
 
 
 def test_greedy_and_top_k_sampling_follow_the_heads_distribution():

@@ -396,3 +396,26 @@ def test_first_layer_reads_the_weight_in_chunks_without_a_whole_cast_copy(monkey
     with LargestFloat32() as mode:
         net(hidden=torch.randn(5, dim).bfloat16(), weight=weight).sum().backward()
     assert mode.largest < vocab * dim / 2, mode.largest  # the largest: the network's own 8 × V weight
+
+
+@pytest.mark.parametrize("init_tau", [None, 1.0, 0.6, 4.0])
+def test_init_tau_sets_where_tau_starts(init_tau):
+    """The authors' init starts τ near the middle of [tau_min, tau_max] (≈2.75 for [0.5, 5]);
+    temperature.init_tau moves the pooling bias so that τ starts at the value asked for, whatever the
+    scores (the pooled term is small at init)."""
+    torch.manual_seed(0)
+    net = TemperatureNet(512, init_tau=init_tau).eval()
+    tau = net(torch.randn(64, 512) * 3)
+    expected = 0.5 + 4.5 / 2 if init_tau is None else init_tau
+    assert (tau - expected).abs().max() < 0.05 * expected, (tau.min(), tau.max())
+
+
+def test_init_tau_outside_the_range_is_refused_and_not_part_of_resume_identity():
+    with pytest.raises(UserError, match="init_tau"):
+        validate_recipe({"temperature": {"enabled": True, "init_tau": 6.0}})
+    with pytest.raises(ValueError, match="init_tau"):
+        TemperatureNet(16, init_tau=0.5)
+    started_at_1 = validate_recipe({"temperature": {"enabled": True, "init_tau": 1.0}})
+    default = validate_recipe({"temperature": {"enabled": True}})
+    # a resumed network's bias comes from its checkpoint: init_tau does not make it another model
+    assert started_at_1.temperature.identity() == default.temperature.identity()

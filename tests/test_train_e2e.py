@@ -1,7 +1,7 @@
 """End to end through the CLI with real DeepSpeed ranks (2 on CPU): training under ZeRO-2/3,
-exact resume, stop signals, partial checkpoints, refused resumes."""
+exact resume (--stop-after, SIGTERM, SIGINT; TempNet's dropout across the resume), partial
+checkpoints, refused resumes."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -11,19 +11,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, llmtrain, records
+from conftest import ROOT, assert_resumed_exactly, checkout_env, llmtrain, metrics_lines, records
 
 pytestmark = pytest.mark.slow
 
+# TempNet on the cce head with its dropout on: every training step draws masks from the RNG.
+TEMPNET = ["head.type=cce", "temperature.enabled=true", "temperature.width=16", "temperature.dropout=0.5",
+           "temperature.lr=2e-3"]
 
-def losses(run: Path):
-    return {r["step"]: r["loss"] for r in records(run)}
+
+@pytest.fixture(scope="module")
+def straight(recipe, tmp_path_factory):
+    """The uninterrupted 8-step ZeRO-2 run (evaluations and checkpoints at steps 4 and 8): what
+    every resume of this recipe must reproduce."""
+    run = tmp_path_factory.mktemp("straight") / "z2"
+    llmtrain("run", recipe, "--out", run)
+    return run
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_trains_checkpoints_and_evaluates(recipe, tmp_path, stage):
-    run = tmp_path / f"z{stage}"
-    llmtrain("run", recipe, f"deepspeed.zero_stage={stage}", "--out", run)
+def assert_trained(run: Path, stage: int):
     recs = records(run)
     assert [r["step"] for r in recs] == list(range(1, 9))
     for r in recs:
@@ -41,37 +47,63 @@ def test_trains_checkpoints_and_evaluates(recipe, tmp_path, stage):
     assert yaml.safe_load((run / "recipe.resolved.yaml").read_text())["deepspeed"]["zero_stage"] == stage
 
 
-def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(recipe, tmp_path):
+def test_zero2_trains_checkpoints_and_evaluates(straight):
+    assert_trained(straight, 2)
+
+
+def test_zero3_trains_checkpoints_and_evaluates(recipe, tmp_path):
+    run = tmp_path / "z3"
+    llmtrain("run", recipe, "deepspeed.zero_stage=3", "--out", run)
+    assert_trained(run, 3)
+
+
+def test_tempnet_stop_after_then_resume_auto_continues_exactly(recipe, tmp_path):
+    """TempNet's dropout (0.5) draws from every rank's RNG each step: the resumed run's losses and
+    τ equal the uninterrupted run's only if the saved RNG streams are restored. Then the run
+    exports with its network and generates at its predicted temperatures."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    llmtrain("run", recipe, "--out", straight, "checkpoint.every=100")
-    first = llmtrain("run", recipe, "--out", split, "--stop-after", 3, "checkpoint.every=100")
+    llmtrain("run", recipe, "--out", straight, *TEMPNET)
+    first = llmtrain("run", recipe, "--out", split, "--stop-after", 3, *TEMPNET)
     assert "--resume auto" in first.stdout + first.stderr
+    segment = metrics_lines(split)
     # A half-written newer checkpoint (no llmtrain.json) must be ignored by --resume auto.
     partial = split / "checkpoints" / "step00000007"
     partial.mkdir()
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
-    llmtrain("run", recipe, "--out", split, "--resume", "auto", "checkpoint.every=100")
-    assert losses(split) == losses(straight)  # exact float equality, every step 1..8
+    resumed = llmtrain("run", recipe, "--out", split, "--resume", "auto", *TEMPNET)
+    assert assert_resumed_exactly(split, straight, segment, resumed.stderr) == 3
+    assert {"tau_mean", "lr_temperature"} <= records(split)[-1].keys()
     train_s = [r["train_s"] for r in records(split)]  # carried over the resume, not restarted
     assert all(a < b for a, b in zip(train_s, train_s[1:]))
+    # the network is part of the trained model: exported with it, and sampling at its τ
+    from llmtrain.export import load_exported
+
+    llmtrain("export", split, "--out", tmp_path / "export")
+    assert load_exported(tmp_path / "export").head.temperature is not None
+    auto = llmtrain("generate", split, "--prompt", "def main(", "--temperature", "auto", "--max-new-tokens", 4)
+    assert auto.stdout.startswith("def main(") and len(auto.stdout) > len("def main(\n")
 
 
-def test_sigterm_saves_then_resume_finishes(recipe, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_then_resume_auto_continues_exactly(recipe, straight, tmp_path, sig):
+    """The signal reaches the CLI as soon as step 1 is logged; the ranks finish their step, save
+    and exit 0, and the resume reproduces the uninterrupted run."""
     run = tmp_path / "sig"
-    cmd = [sys.executable, "-m", "llmtrain.cli", "run", str(recipe), "--out", str(run), "train.steps=400",
-           "checkpoint.every=1000", "eval.every=1000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "llmtrain.cli", "run", str(recipe), "--out", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and records(run)):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    while time.time() < deadline and proc.poll() is None and not metrics_lines(run):
+        time.sleep(0.05)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output[-3000:]
-    assert "stopped by SIGTERM" in output and "--resume auto" in output
-    saved = json.loads(next((run / "checkpoints").glob("*/llmtrain.json")).read_text())
-    assert 0 < saved["step"] < 400
-    llmtrain("run", recipe, "--out", run, "--resume", "auto", f"train.steps={saved['step'] + 2}")
-    assert max(losses(run)) == saved["step"] + 2
+    assert f"stopped by {sig.name}" in output and "--resume auto" in output
+    stopped = yaml.safe_load((run / "status.yaml").read_text())["step"]
+    assert 0 < stopped < 8, "the signal came too late to stop the run before its end"
+    segment = metrics_lines(run)
+    resumed = llmtrain("run", recipe, "--out", run, "--resume", "auto")
+    assert assert_resumed_exactly(run, straight, segment, resumed.stderr) == stopped
 
 
 def test_resume_refuses_a_different_model(recipe, tmp_path):

@@ -13,7 +13,7 @@ def meta(world: int, stage: int) -> dict:
 
 
 @pytest.mark.parametrize("saved, now, needed", [
-    ((2, 2), (2, 2), False), ((2, 2), (1, 2), True), ((1, 3), (2, 3), True), ((2, 1), (2, 3), True),
+    ((2, 2), (2, 2), False), ((2, 2), (1, 2), True), ((1, 3), (2, 3), True), ((2, 1), (2, 2), True),
     ((2, 0), (1, 0), False),  # ZeRO-0 keeps whole optimizer states: loads on any world size
 ])
 def test_needs_universal(saved, now, needed):
@@ -28,6 +28,12 @@ def test_zero0_and_zero_stages_do_not_convert_into_each_other(tmp_path):
     write_meta(tag, meta(2, 0))
     with pytest.raises(UserError, match="no conversion needed"):
         convert(tag)
+
+
+@pytest.mark.parametrize("saved", [1, 2])
+def test_zero1_and_zero2_checkpoints_are_refused_at_zero3(saved):
+    with pytest.raises(UserError, match=f"ZeRO-{saved} checkpoint with deepspeed.zero_stage=3"):
+        needs_universal(meta(2, saved), 2, 3)
 
 
 def test_workers_only_look_for_a_finished_conversion(tmp_path):

@@ -149,6 +149,13 @@ class Head(nn.Module, abc.ABC):
         any weight gradient exists returns that peak minus the gradients' bytes. Calibrate it with
         ``llmtrain profile --tokens N --vocab V --hidden D``: the measurement is within ±10%."""
 
+    def train_flops(self, n_tokens: int) -> float:
+        """FLOPs of one forward + backward over ``n_tokens`` tokens, as the head's math needs them
+        (matmuls; recomputation not counted), for MFU. The default is a full linear +
+        cross-entropy: scores, ∂h and ∂W, three N×V×D products (6·N·V·D). Heads that compute less
+        (hsm, zloss) override it; tests check each against torch's FLOP counter."""
+        return 6.0 * n_tokens * self.vocab_size * self.hidden_size
+
     def prepare(self, token_counts: torch.Tensor | None) -> None:
         """Called once before training with unigram counts [V] of the training data.
         Heads that derive structure from the data (hsm clusters) override this."""

@@ -200,6 +200,7 @@ class HsmHead(Head):
         counts = counts.detach().double().cpu()
         if not torch.isfinite(counts).all() or (counts < 0).any():
             raise ValueError("token_counts must be finite and non-negative")
+        self._token_share = counts / counts.sum() if counts.sum() > 0 else None  # for train_flops
         table = table_from_rows(*frequency_clusters(counts, self.n_clusters, self.options.shortlist,
                                                     self.options.binning))
         for name, value in table.items():
@@ -234,6 +235,16 @@ class HsmHead(Head):
         self._derive()
 
     # --- training ---------------------------------------------------------------------------------
+
+    def train_flops(self, n_tokens: int) -> float:
+        """6·N·D·(C + the mean size of the target's cluster): each token scores the C clusters and
+        the tokens of its own cluster, forward and backward. The mean is over the training data's
+        unigram distribution once `prepare` has seen it (frequent tokens sit in small clusters),
+        over the vocabulary before."""
+        sizes = self.cluster_offsets.diff().double().cpu()[self.token_cluster.cpu()]
+        share = getattr(self, "_token_share", None)
+        mean_size = float((share * sizes).sum()) if share is not None else float(sizes.mean())
+        return 6.0 * n_tokens * self.hidden_size * (self.n_clusters + mean_size)
 
     def _group(self, clusters: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, _Pairs]:
         """Order sorting tokens by cluster, and their (token, row) pairs in that order."""

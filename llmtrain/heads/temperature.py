@@ -46,10 +46,12 @@ class TemperatureNet(nn.Module):
     hidden states and weight of a linear head without ever forming its scores."""
 
     def __init__(self, in_features: int, width: int = 256, tau_min: float = 0.5, tau_max: float = 5.0,
-                 rho: float = 8.0, dropout: float = 0.5):
+                 rho: float = 8.0, dropout: float = 0.5, init_tau: float | None = None):
         super().__init__()
         if not 0 < tau_min < tau_max:
             raise ValueError(f"need 0 < tau_min < tau_max, got tau_min={tau_min}, tau_max={tau_max}")
+        if init_tau is not None and not tau_min < init_tau < tau_max:
+            raise ValueError(f"init_tau ({init_tau}) must lie strictly between tau_min ({tau_min}) and tau_max ({tau_max})")
         self.in_features, self.width = in_features, width
         self.tau_min, self.tau_max, self.rho = float(tau_min), float(tau_max), float(rho)
         self.first = nn.Linear(in_features, width)
@@ -60,6 +62,8 @@ class TemperatureNet(nn.Module):
         self.pool = nn.Linear(width, 1)
         nn.init.ones_(self.pool.weight)  # a = 1, b = 0 as the authors: τ starts mid-range
         nn.init.zeros_(self.pool.bias)
+        if init_tau is not None:  # b = logit of init_tau's place in the range: τ starts near init_tau
+            nn.init.constant_(self.pool.bias, math.log((init_tau - tau_min) / (tau_max - init_tau)))
 
     def extra_repr(self) -> str:
         return f"tau=[{self.tau_min}, {self.tau_max}], rho={self.rho}"
@@ -183,10 +187,10 @@ def temperature_problems(cls: type[Head], options: dict) -> list[str]:
 
 
 def attach_temperature(head: nn.Module, *, width: int, tau_min: float, tau_max: float, rho: float,
-                       dropout: float) -> TemperatureNet:
+                       dropout: float, init_tau: float | None = None) -> TemperatureNet:
     """Give ``head`` its temperature network (its submodule ``temperature``); it must serve one."""
     problems = temperature_problems(type(head), head.options.model_dump())
     if problems:
         raise ValueError("; ".join(problems))
-    head.temperature = TemperatureNet(head.temperature_features, width, tau_min, tau_max, rho, dropout)
+    head.temperature = TemperatureNet(head.temperature_features, width, tau_min, tau_max, rho, dropout, init_tau)
     return head.temperature

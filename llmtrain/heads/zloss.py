@@ -253,6 +253,13 @@ class ZLossHead(Head):
         n_keep = max(int((targets != IGNORE_INDEX).sum()), 1)
         return HeadOutput(loss=loss, metrics={"z_target_mean": float(z.sum()) / n_keep})
 
+    def train_flops(self, n_tokens: int) -> float:
+        """4·V·D² for the Gram matrix and its share of ∇W (= 2(W − 1mᵀ)·M), plus per token 6·D²
+        (hᵀQh, M's Σ β h hᵀ, ∇h's Q·h) and O(D) for the target rows: no N×V×D product. (The Gram
+        is computed once per optimizer step; counted here once per micro-batch.)"""
+        v, d = self.vocab_size, self.hidden_size
+        return 4.0 * v * d * d + n_tokens * (6.0 * d * d + 8.0 * d)
+
     def _statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, Q) of the weight, computed once per weight state (its V·D² work is the head's
         largest): micro-steps of one accumulation, evaluation and every sampling call between two

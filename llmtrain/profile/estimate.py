@@ -6,7 +6,8 @@ Components, per rank, for a recipe's ZeRO stage and world size:
                     gradients: every copy at the optimizer step, fp32 ones included)
   zero_buffers      DeepSpeed's gradient-reduction bucket (allocated whole, whatever the model size;
                     total_on_cpu counts only the part a CPU rank writes, see _zero_buffers)
-  zero3_gathered    ZeRO-3: the largest module's weight gathered in full while it runs
+  zero3_gathered    ZeRO-3: weights gathered in full beside the rank's partition and kept from
+                    forward to backward (see _zero3_gathered)
   activations       what the body keeps from its forward for backward over one micro-batch (with
                     activation checkpointing: each layer's input)
   recomputed        activation checkpointing: one layer's saved tensors, recomputed in its backward
@@ -235,7 +236,7 @@ def estimate_recipe(recipe: Recipe, vocab: int, world_size: int | None = None) -
         "gradients": int(shard(pc.trainable * w, 2)) if offload_opt else int(grad_bytes),
         "optimizer_states": 0 if offload_opt else int(opt_bytes),
         "zero_buffers": reserved,
-        "zero3_gathered": int(pc.largest_module * w * (1 if offload_param else 1 - 1 / world)) if stage == 3 else 0,
+        "zero3_gathered": _zero3_gathered(zero, pc.total, pc.largest_module) * w if stage == 3 else 0,
     }
     body = activation_bytes(cfg, t.micro_batch, precision)
     comps.update(activations=body.saved, recomputed=body.recomputed, layer_backward=body.backward)
@@ -412,6 +413,19 @@ def _zero_buffers(zero: Mapping[str, Any], stage: int, w: int, gradient_elements
     buffers = 2 if zero.get("overlap_comm", stage == 3) and stage < 3 else 1
     written = min(gradient_elements, bucket * buffers)
     return bucket * buffers * w, written * w
+
+
+def _zero3_gathered(zero: Mapping[str, Any], total: int, largest_module: int) -> int:
+    """Parameters a ZeRO-3 rank holds gathered at the head's backward. DeepSpeed all-gathers a
+    module's weights into a new full-size buffer beside the rank's own partition and, once its
+    first step has recorded the module order, releases a gathered weight only if it is not used
+    again within stage3_max_reuse_distance parameters (default 1e9). A module whose forward ends `a`
+    parameters before the forward's end is used again about 2a parameters later, in its backward:
+    so the forward's last reuse_distance / 2 parameters stay gathered — the whole model when it is
+    smaller (measured on CPU: both 16 MiB matrices of recipes/tiny.yaml stay gathered, BENCHMARKS.md
+    issue 19 item 5)."""
+    reuse = int(float(zero.get("stage3_max_reuse_distance", 1e9)))
+    return min(total, largest_module + reuse // 2)
 
 
 def _count(n: int) -> str:

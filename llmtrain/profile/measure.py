@@ -325,8 +325,27 @@ def _runtime(hf: str | None) -> dict:
         from llmtrain.model.hf import empty_causal_lm, read_hf_folder
 
         empty_causal_lm(read_hf_folder(hf).config)
+    _one_small_training_step()
     gc.collect()
-    return {"bytes": resident_bytes(), "method": "VmRSS after the imports of a training rank"}
+    return {"bytes": resident_bytes(), "method": "VmRSS after a training rank's imports and one small training step"}
+
+
+def _one_small_training_step() -> None:
+    """Forward, backward and an AdamW step of a two-layer model of ours: a rank's resident set holds
+    the code pages and per-thread allocator arenas its kernels touch, which importing alone does not
+    (~26 MiB here; BENCHMARKS.md, issue 19 item 5)."""
+    import torch
+
+    from llmtrain.model.language_model import LanguageModel
+    from llmtrain.recipe import ModelConfig
+
+    model = LanguageModel(ModelConfig(layers=2, d_model=64, n_heads=2, seq_len=32), {"type": "softmax"}, 512)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(0, 512, (2, 33))
+    for _ in range(2):
+        model(ids[:, :-1], ids[:, 1:]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 def main(argv: list[str]) -> int:

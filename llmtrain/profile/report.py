@@ -271,7 +271,7 @@ def build_report(target: Target, head_specs: dict[str, dict] | None, budget: int
 
 def _runtime_here(target: Target) -> int | None:
     """A recipe file profiled on a machine without CUDA describes a run on this CPU: its ranks'
-    resident sets also hold the libraries (measured in a fresh process) and only the written part
+    resident sets also hold the libraries and kernels (measured in a fresh process) and only the written part
     of DeepSpeed's buckets. Presets and --hf describe clusters: None."""
     import torch
 
@@ -357,7 +357,7 @@ def render(console: Console, report: dict) -> None:
     if report.get("runtime_on_cpu_bytes"):
         console.print(f"  on this CPU: a rank's resident set, as `llmtrain run` here reports its peak: the total with "
                       f"only the written part of the ZeRO buffers, plus {_size(report['runtime_on_cpu_bytes'])} of "
-                      "libraries (measured in a fresh process)")
+                      "libraries and kernels (measured in a fresh process after one small training step)")
     counts = [f"{name} {h['parameter_count']['total'] / 1e6:,.1f}M ({h['parameter_count']['head'] / 1e6:,.1f}M in the head)"
               for name, h in heads.items() if "parameter_count" in h]
     if counts:

@@ -90,7 +90,7 @@ def _summary(r: dict[str, Any]) -> str:
     parts = []
     for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("val_ppl", "ppl {:.2f}"),
                      ("val_bpb", "bpb {:.3f}"), ("val_top1", "top1 {:.3f}"), ("val_top5", "top5 {:.3f}"),
-                     ("lr", "lr {:.2e}"), ("tokens_per_s", "{:,.0f} tok/s")):
+                     ("lr", "lr {:.2e}"), ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}")):
         if key in r:
             parts.append(fmt.format(r[key]))
     for prefix in ("", "val_"):  # the temperature network's τ: mean [min, max]

@@ -1,4 +1,5 @@
-"""Resume on another world size (or ZeRO stage) through DeepSpeed universal checkpoints.
+"""Resume on another world size (or between ZeRO-1 and ZeRO-2) through DeepSpeed universal
+checkpoints.
 
 A ZeRO-1/2/3 checkpoint holds each rank's slice of the flat optimizer partitions, so it loads
 only on the world size that wrote it. `ds_to_universal` rewrites it per parameter
@@ -48,11 +49,17 @@ def needs_universal(meta: dict[str, Any], world_size: int, zero_stage: int) -> b
     """True when the checkpoint cannot be loaded as saved by `world_size` ranks at `zero_stage`.
 
     ZeRO-0 keeps whole optimizer states in the model file, which any world size loads; between
-    ZeRO-0 and ZeRO-1..3 there is no conversion."""
+    ZeRO-0 and ZeRO-1..3 there is no conversion, nor from ZeRO-1/2 to ZeRO-3: DeepSpeed 0.19.8's
+    stage-3 universal loader reads stage-3 files only (seen: it finds no model-states file, and
+    with one it fails on the stage-2 optimizer files, KeyError 'optimizer_state_dict')."""
     before = saved_stage(meta)
     if (before == 0) != (zero_stage == 0):
         raise UserError(f"cannot resume a ZeRO-{before} checkpoint with deepspeed.zero_stage={zero_stage}: "
                         "DeepSpeed converts between stages 1, 2 and 3 only; keep the stage the run was saved with")
+    if before in (1, 2) and zero_stage == 3:
+        raise UserError(f"cannot resume a ZeRO-{before} checkpoint with deepspeed.zero_stage=3: DeepSpeed's "
+                        "ZeRO-3 loader reads ZeRO-3 checkpoints only; resume at deepspeed.zero_stage=1 or 2 "
+                        "(another world size works)")
     return before > 0 and (meta["world_size"] != world_size or before != zero_stage)
 
 

@@ -49,6 +49,7 @@ from llmtrain.heads.temperature import attach_temperature
 from llmtrain.train.init_from import load_module_weights, resolve_init_from
 from llmtrain.train.heartbeat import Heartbeat
 from llmtrain.train.memory import format_bytes, memory_source, oom_snapshot, peak_bytes
+from llmtrain.train.mfu import model_flops_per_token, peak_flops
 from llmtrain.train.status import EXIT_DIVERGED, EXIT_FAILED, write_status
 from llmtrain.model.language_model import LanguageModel, count_parameters
 from llmtrain.recipe import Recipe
@@ -156,6 +157,8 @@ class Worker:
         if r.temperature.enabled:
             self._add_temperature(model, resume)
         self.n_params = count_parameters(model)
+        self.flops_per_token = model_flops_per_token(model, r.model.layers, r.model.d_model, r.model.seq_len,
+                                                     r.train.micro_batch * r.model.seq_len)
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, r.train.weight_decay, r.temperature.weight_decay),
             config=ds_config,
@@ -174,7 +177,17 @@ class Worker:
         self.confirmed: Path | None = checkpoint
         if checkpoint is not None:
             self._load(checkpoint)
+        self.peak_flops, self.peak_source = self._peak_flops()
         self.heartbeat.beat()
+
+    def _peak_flops(self) -> tuple[float, str]:
+        """The ranks' FLOP/s together, MFU's denominator. Every rank measures at the same moment:
+        ranks that share a CPU then share its rate, as they do while training."""
+        dist.barrier()
+        rate, source = peak_flops(self.device, self.recipe.train.precision)
+        total = torch.tensor([rate], dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.item(), source
 
     def _add_temperature(self, model: LanguageModel, resume: Path | None) -> None:
         """Attach the network after the body and head are initialized, so they get the same
@@ -314,7 +327,8 @@ class Worker:
                 print("note: --allow-data-change: the data changed size; its order starts from the beginning",
                       file=sys.stderr, flush=True)
         # RNG streams are per rank: on another world size they cannot be matched, so they stay
-        # freshly seeded. The model has no dropout, so no training step draws from them today.
+        # freshly seeded. The temperature network's dropout draws from them: only a resume on the
+        # same world size continues its masks exactly (the body and heads draw nothing).
         if client.get("world_size") == self.world:
             set_rng_state(client["rng"][self.rank])
 
@@ -397,6 +411,9 @@ class Worker:
             network = f" + temperature network ({r.temperature.mode})" if r.temperature.enabled else ""
             sink.message(f"[bold]{r.name}[/]: {self.n_params / 1e6:.2f}M parameters, head {r.head.type}{network}, "
                          f"ZeRO-{r.deepspeed.zero_stage}, {self.world} ranks, {r.train.precision}")
+        if sink:
+            sink.message(f"MFU of {self.flops_per_token / 1e6:.3g} MFLOP/token against {self.peak_flops / 1e12:.3g} "
+                         f"TFLOP/s ({self.world} ranks, {self.peak_source})")
         global_tokens = r.train.micro_batch * r.train.grad_accum * self.world * r.model.seq_len
         end = r.train.steps if self.stop_after is None else min(r.train.steps, self.step + self.stop_after)
         reason, last_saved = "complete", None
@@ -430,10 +447,10 @@ class Worker:
                     self._confirm_checkpoints()
                 if self.step % r.train.log_every == 0 or self.step == end or stopping or bad:
                     dist.all_reduce(loss)
-                    now = time.perf_counter()
+                    tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                     record = {"step": self.step, "loss": loss.item() / self.world, "lr": lr_at(self.step - 1, r.train),
                               "tokens_seen": self.tokens_seen, "train_s": round(self.train_seconds, 3),
-                              "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                              "tokens_per_s": tokens_per_s, "mfu": self.flops_per_token * tokens_per_s / self.peak_flops,
                               "peak_mem_bytes": self._peak_memory(), **self._reduce_metrics(head_metrics)}
                     if bad:
                         record["skipped"] = True
