@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.flop_counter import register_flop_formula
 
 from llmtrain.errors import UserError
 from llmtrain.heads.base import (IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes,
@@ -48,12 +49,12 @@ class HsmOptions(HeadOptions):
 # cluster sizes and counts: the scores one sampled matrix product (SDDMM), each token's
 # log-sum-exp a segment reduction, ∂h and ∂W weighted sums of rows (embedding_bag), ∂W over the
 # same pairs row-major. No Python loop over clusters, and no thread count changed per call.
-# Scores of dtypes the sampled product lacks (bf16, fp16) come from gathered rows, this many
-# elements of each gathered operand at a time.
+# Scores the sampled product cannot give (bf16, fp16, under a dispatch mode) come from gathered
+# rows, this many elements of each gathered operand at a time.
 GATHER_BLOCK = 1 << 18
 # Memory model terms (bytes): per pair (the pair indices and probabilities kept for backward, the
 # row-major indices it builds), per weight row (row-major offsets).
-PAIR_BYTES = 24
+PAIR_BYTES = 26
 ROW_BYTES = 24
 
 
@@ -103,20 +104,26 @@ def _row_major(pairs: _Pairs, offsets: torch.Tensor, row_cluster: torch.Tensor):
 
 
 def _pair_scores(hidden: torch.Tensor, weight: torch.Tensor, pairs: _Pairs) -> torch.Tensor:
-    """[P] float32 score of every pair: hidden[token] · weight[row]."""
-    if hidden.dtype in (torch.float32, torch.float64):
-        # The sampled product takes a sparse CSR pattern. Python dispatch modes are set aside around
-        # it: MemTracker (`llmtrain profile` on CPU) cannot hold sparse tensors; the scores it returns
-        # are dense and tracked from their first use.
-        with _disable_current_modes(), warnings.catch_warnings():
+    """[P] float32 score of every pair: hidden[token] · weight[row]. The sampled product (fp32,
+    fp64) takes a sparse CSR pattern, which Python dispatch modes cannot hold (MemTracker in
+    `llmtrain profile`) or count (FlopCounterMode): under one, and for bf16 and fp16, the same
+    products run as batched matmuls of gathered rows, a block of pairs at a time."""
+    if hidden.dtype in (torch.float32, torch.float64) and _get_current_dispatch_mode() is None:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             pattern = torch.sparse_csr_tensor(pairs.starts, pairs.row, hidden.new_zeros(pairs.row.numel()),
                                               (hidden.shape[0], weight.shape[0]), check_invariants=False)
-            scores = torch.sparse.sampled_addmm(pattern, hidden, weight.T, beta=0.0).values()
-        return scores.float()
-    step = max(1, GATHER_BLOCK // hidden.shape[1])  # bf16, fp16: gathered rows, products in fp32
-    return torch.cat([(hidden.index_select(0, t).float() * weight.index_select(0, r).float()).sum(1)
-                      for t, r in zip(pairs.token.split(step), pairs.row.split(step))])
+            return torch.sparse.sampled_addmm(pattern, hidden, weight.T, beta=0.0).values().float()
+    step = max(1, GATHER_BLOCK // hidden.shape[1])
+    return torch.cat([torch.bmm(hidden.index_select(0, t).float()[:, None], weight.index_select(0, r).float()[:, :, None])
+                      .view(-1) for t, r in zip(pairs.token.split(step), pairs.row.split(step))])
+
+
+@register_flop_formula([torch.ops.aten._embedding_bag, torch.ops.aten._embedding_bag_forward_only])
+def _weighted_bag_flops(weight_shape, indices_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of embedding_bag, for torch's counter (it has none): a multiply-add per element of
+    each row summed, as ∂h and ∂W here are products written as weighted sums of rows."""
+    return 2 * indices_shape[0] * weight_shape[1]
 
 
 def _within_forward(hidden, weight, pairs: _Pairs, keep_probs: bool):
@@ -420,13 +427,14 @@ class HsmHead(Head):
     def transient_bytes(cls, options, n_tokens, hidden_size, vocab_size, dtype):
         # Cluster scores as the softmax head's logits (input dtype, fp32 copy, log-softmax, its
         # gradient); the sorted hidden states, their gradient and ∂hidden; per (token, row) pair,
-        # assuming targets spread over clusters of the mean size, and per weight row. Dtypes the
-        # sampled product lacks add one block of gathered rows. The terms do not all peak
-        # together: an upper bound within 1.2–1.5× of MemTracker's peak (tests/test_heads_hsm.py).
+        # assuming targets spread over clusters of the mean size, and per weight row; one block of
+        # gathered rows where the sampled product cannot serve. The terms do not all peak
+        # together: an upper bound within 1.0–1.6× of MemTracker's peak (tests/test_heads_hsm.py).
         n_clusters, _ = _checked_sizes(options, vocab_size)
         b = dtype_bytes(dtype)
         per_score = 3 * 4 if dtype == torch.float32 else 2 * b + 3 * 4
         pairs = n_tokens * math.ceil(vocab_size / n_clusters)
+        # (fp32 under MemTracker gathers too, but frees the block before the backward's peak)
         gathered = 0 if dtype in (torch.float32, torch.float64) else GATHER_BLOCK * 3 * 4
         return (n_tokens * (n_clusters * per_score + 3 * hidden_size * b) + pairs * PAIR_BYTES
                 + vocab_size * ROW_BYTES + gathered)
