@@ -69,18 +69,13 @@ def next_tokens(model: LanguageModel, ids: torch.Tensor, temperature: Temperatur
 
 def _candidates(model: LanguageModel, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best tokens [B, k], best first, and their exact log-probabilities."""
-    candidates = model.topk(hidden, k)
-    logprobs = _scorer(model.head)(hidden.repeat_interleave(k, 0), candidates.flatten()).view(-1, k)
-    return candidates, logprobs
-
-
-def _scorer(head):
+    candidates, head = model.topk(hidden, k), model.head
     if head.is_distribution:
-        return head.token_logprobs
+        return candidates, head.candidate_logprobs(hidden, candidates)
     calibrated = getattr(head, "calibrated_token_logprobs", None)
     if calibrated is None:
         raise UserError(f"--top-k: the {head.name} head gives no token scores to re-draw the top k by")
-    return calibrated
+    return candidates, calibrated(hidden.repeat_interleave(k, 0), candidates.flatten()).view(-1, k)
 
 
 def generate_text(target: Path, prompt: str, *, max_new_tokens: int, temperature: Temperature = 1.0,

@@ -73,7 +73,7 @@ def saved_for_backward(module, forward) -> int:
 
 
 # Wall-clock and memory figures: they differ between two runs of the same computation.
-VOLATILE = {"time", "train_s", "tokens_per_s", "peak_mem_bytes"}
+VOLATILE = {"time", "train_s", "tokens_per_s", "mfu", "peak_mem_bytes"}  # mfu: tokens/s over a measured peak
 
 
 def metrics_lines(run: Path) -> list[str]:

@@ -155,6 +155,10 @@ def test_logprobs_entropy_and_topk_against_float64(name):
     assert entropy.dtype == torch.float32 and entropy.shape == (N,)
     torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-5, atol=1e-5)
     assert ref_entropy.max() - ref_entropy.min() > 0.3 and ref_entropy.max() < math.log(V) - 0.5  # not all flat
+    # generation's candidates: several tokens per row, each row's best and some others
+    candidates = torch.cat([top, torch.randint(0, V, (N, 3), generator=torch.Generator().manual_seed(2))], 1)
+    torch.testing.assert_close(head.candidate_logprobs(h, candidates).double(), ref.gather(1, candidates),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_entropy_exact_under_a_large_common_score():

@@ -104,6 +104,13 @@ class Head(nn.Module, abc.ABC):
         reinforcement learning beside ``token_logprobs``. Heads that are not distributions raise."""
         raise NotImplementedError(f"the {self.name} head does not compute token entropies")
 
+    def candidate_logprobs(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """[N, k] float32 log p(candidate | hidden) for ``candidates`` [N, k] (generation's top-k and
+        top-p). By default each candidate is its own target row; heads that score the whole
+        vocabulary per row override it to score each row once for all its candidates."""
+        k = candidates.shape[1]
+        return self.token_logprobs(hidden.repeat_interleave(k, 0), candidates.flatten()).view(-1, k)
+
     def logprobs_and_topk(self, hidden: torch.Tensor, targets: torch.Tensor, k: int):
         """(``token_logprobs`` or None where the head is not a distribution, ``topk``) for
         evaluation; heads override it to form their scores once for both."""

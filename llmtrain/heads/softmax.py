@@ -122,6 +122,15 @@ class SoftmaxHead(Head):
         return logprobs, top
 
     @torch.no_grad()
+    def candidate_logprobs(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Each row's scores formed once for all its candidates (not once per candidate)."""
+        out = hidden.new_zeros(candidates.shape, dtype=torch.float32)
+        for start, scores in self._score_chunks(hidden):
+            rows = slice(start, start + scores.shape[0])
+            out[rows] = torch.log_softmax(scores, 1, out=scores).gather(1, candidates[rows])
+        return out
+
+    @torch.no_grad()
     def token_entropy(self, hidden: torch.Tensor) -> torch.Tensor:
         """H = lse − Σ p·s per position, chunk by chunk (fp32 scores, float64 sums)."""
         check_head_inputs(hidden, None, self.hidden_size)

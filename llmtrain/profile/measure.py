@@ -333,7 +333,7 @@ def _runtime(hf: str | None) -> dict:
 def _one_small_training_step() -> None:
     """Forward, backward and an AdamW step of a two-layer model of ours: a rank's resident set holds
     the code pages and per-thread allocator arenas its kernels touch, which importing alone does not
-    (~26 MiB here; BENCHMARKS.md, issue 19 item 5)."""
+    (388 → 408 MiB here; BENCHMARKS.md, issue 19 item 5)."""
     import torch
 
     from llmtrain.model.language_model import LanguageModel

@@ -4,7 +4,6 @@ steps."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import yaml
 
 from llmtrain.errors import UserError
+from llmtrain.train.metrics import read_metrics
 from llmtrain.train.status import read_status
 
 RECIPE = "recipe.resolved.yaml"
@@ -67,20 +67,8 @@ def read_run(path: Path) -> Run:
 def read_records(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's records; none when the run has not logged yet. A torn last line (a run
     killed mid-write, or one writing now) is left out; damage elsewhere is an error."""
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                continue
-            raise UserError(f"{path}: line {i + 1} is not JSON ({line[:60]!r}); repair or remove that line") from None
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
+    parsed, _torn = read_metrics(path)
+    return [r for _, r in parsed if isinstance(r, dict) and isinstance(r.get("step"), int)]
 
 
 def latest_attempt(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

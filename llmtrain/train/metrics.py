@@ -16,26 +16,34 @@ from llmtrain.errors import UserError
 from llmtrain.train.memory import format_bytes
 
 
+def read_metrics(path: Path, then: str = "") -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    """(line, record) of each line of metrics.jsonl (none without the file), and a last line torn
+    by a run that ended — or is — mid-write, left out (None when there is none). A line that is not
+    JSON anywhere else is an error naming it; `then` is added to its advice."""
+    if not path.exists():
+        return [], None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    parsed = []
+    for i, line in enumerate(lines):
+        try:
+            parsed.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}: line {i + 1} is not JSON ({line[:60]!r}); repair or remove that line{then}") from None
+            return parsed, line
+    return parsed, None
+
+
 def truncate_after(path: Path, step: int) -> None:
     """Drop records past `step`: a resumed run re-logs the steps after its checkpoint. A last line
     torn by a crash mid-write is dropped too (with a note); damage anywhere else is an error."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise UserError(f"{path}: line {i + 1} is not JSON ({line[:60]!r}); repair or remove that line, "
-                                "then resume") from None
-            print(f"note: {path}: dropped a torn last line ({line[:60]!r}), left by a run that ended mid-write",
-                  file=sys.stderr, flush=True)
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    parsed, torn = read_metrics(path, then=", then resume")
+    if torn is not None:
+        print(f"note: {path}: dropped a torn last line ({torn[:60]!r}), left by a run that ended mid-write",
+              file=sys.stderr, flush=True)
+    path.write_text("".join(line + "\n" for line, record in parsed if record.get("step", 0) <= step))
 
 
 class MetricsSink:

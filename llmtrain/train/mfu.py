@@ -32,8 +32,10 @@ def matmul_rate(device: torch.device, precision: str, seconds: float = MEASURE_S
     """FLOP/s of the best of repeated square matmuls at `precision` on `device`, timed for about
     `seconds` after one warm-up."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(DTYPES[precision])
-    b = torch.randn(n, n, device=device).to(DTYPES[precision])
+    # a generator of its own: drawing from the global one would shift a resumed run's dropout masks
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=generator).to(DTYPES[precision])
+    b = torch.randn(n, n, device=device, generator=generator).to(DTYPES[precision])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
     sync()
