@@ -53,8 +53,8 @@ class HsmOptions(HeadOptions):
 # rows, this many elements of each gathered operand at a time.
 GATHER_BLOCK = 1 << 18
 # Memory model terms (bytes): per pair (the pair indices and probabilities kept for backward, the
-# row-major indices it builds), per weight row (row-major offsets).
-PAIR_BYTES = 26
+# row-major indices it builds; 26–33 measured), per weight row (row-major offsets).
+PAIR_BYTES = 30
 ROW_BYTES = 24
 
 
@@ -425,19 +425,29 @@ class HsmHead(Head):
 
     @classmethod
     def transient_bytes(cls, options, n_tokens, hidden_size, vocab_size, dtype):
-        # Cluster scores as the softmax head's logits (input dtype, fp32 copy, log-softmax, its
-        # gradient); the sorted hidden states, their gradient and ∂hidden; per (token, row) pair,
-        # assuming targets spread over clusters of the mean size, and per weight row; one block of
-        # gathered rows where the sampled product cannot serve. The terms do not all peak
-        # together: an upper bound within 1.0–1.6× of MemTracker's peak (tests/test_heads_hsm.py).
+        # Two phases peak apart. The within-cluster backward: the cluster level's saved
+        # log-softmax, the sorted hidden states and their gradient, the per-pair buffers
+        # (probabilities, indices and the row-major order ∂W builds) and its per-row offsets. Then,
+        # with those freed, the cluster level's backward: its scores as the softmax head's logits
+        # (input dtype, fp32 copy, log-softmax, gradient) and three hidden-sized gradients.
         n_clusters, _ = _checked_sizes(options, vocab_size)
         b = dtype_bytes(dtype)
+        pairs = n_tokens * _mean_target_cluster(options, vocab_size, n_clusters)
+        within = n_tokens * (n_clusters * 4 + 2 * hidden_size * b) + pairs * PAIR_BYTES + vocab_size * ROW_BYTES
         per_score = 3 * 4 if dtype == torch.float32 else 2 * b + 3 * 4
-        pairs = n_tokens * math.ceil(vocab_size / n_clusters)
-        # (fp32 under MemTracker gathers too, but frees the block before the backward's peak)
-        gathered = 0 if dtype in (torch.float32, torch.float64) else GATHER_BLOCK * 3 * 4
-        return (n_tokens * (n_clusters * per_score + 3 * hidden_size * b) + pairs * PAIR_BYTES
-                + vocab_size * ROW_BYTES + gathered)
+        outer = n_tokens * (n_clusters * per_score + 3 * hidden_size * b)
+        return int(max(within, outer))
+
+
+def _mean_target_cluster(options: HsmOptions, vocab_size: int, n_clusters: int) -> float:
+    """The mean size of a target's cluster on natural text (Zipf-distributed tokens, rank r with
+    share ∝ 1/r) under the frequency clusters training builds: V/C with unigram binning (each
+    cluster an equal share of the targets); with √ binning cluster k holds ~2k·V/C² tokens and
+    ~2/(k·ln V) of the targets, ~4·V/(C·ln V) in all (a third of V/C at V = 262,144)."""
+    mean_size = vocab_size / n_clusters
+    if options.binning == "unigram":
+        return mean_size
+    return mean_size * min(1.0, 4 / math.log(max(vocab_size, 2)))
 
 
 def _checked_sizes(options: HsmOptions, vocab_size: int) -> tuple[int, int]:
