@@ -4,22 +4,25 @@
 
 With C clusters a training token costs O((C + |c(w)|)·D) instead of O(V·D). The output weight W
 is one [V, D] parameter whose rows are ordered by cluster, so each cluster's tokens are one
-contiguous slice; training sorts the tokens by their target's cluster and runs one matmul per
-cluster present in the batch (forward and backward in a custom autograd Function that writes the
-gradient of W slice by slice, never a per-slice full-size gradient). The cluster table lives in
-buffers and travels with the state dict; loading checks it against the vocabulary.
+contiguous slice; training sorts the tokens by their target's cluster and scores each against its
+cluster's rows as one flat vector of (token, row) pairs, whatever the clusters' sizes (forward and
+backward in a custom autograd Function, each pass a few whole-batch calls; see `_Pairs`). The
+cluster table lives in buffers and travels with the state dict; loading checks it against the
+vocabulary.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Literal
+import warnings
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.flop_counter import register_flop_formula
 
 from llmtrain.errors import UserError
 from llmtrain.heads.base import (IGNORE_INDEX, Head, HeadOptions, HeadOutput, check_head_inputs, check_k, dtype_bytes,
@@ -40,70 +43,126 @@ class HsmOptions(HeadOptions):
     shortlist: int = Field(0, ge=0, description="the most frequent tokens forming the first cluster (0: none)")
 
 
-# A segment is one cluster present in a sorted batch: tokens start:end, weight rows lo:hi.
-Segment = tuple[int, int, int, int]
+# The within-cluster scores of a batch are block-diagonal: token i against every row of its cluster,
+# and nothing else. They are kept as one flat vector of (token, row) pairs, token-major (a CSR
+# layout: token i's pairs are starts[i]:starts[i + 1]), so that every pass is one call whatever the
+# cluster sizes and counts: the scores one sampled matrix product (SDDMM), each token's
+# log-sum-exp a segment reduction, ∂h and ∂W weighted sums of rows (embedding_bag), ∂W over the
+# same pairs row-major. No Python loop over clusters, and no thread count changed per call.
+# Scores the sampled product cannot give (bf16, fp16, under a dispatch mode) come from gathered
+# rows, this many elements of each gathered operand at a time.
+GATHER_BLOCK = 1 << 18
+# Memory model terms (bytes): per pair (the pair indices and probabilities kept for backward, the
+# row-major indices it builds; 26–33 measured), per weight row (row-major offsets).
+PAIR_BYTES = 30
+ROW_BYTES = 24
 
 
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """One intra-op thread around the per-cluster loop on CPU. Its GEMMs are small (the few
-    tokens of one cluster against its rows): threads gain little there, and each call pays a
-    thread synchronization that costs milliseconds when the cores are shared (512 such GEMMs:
-    0.2 s on one thread, 6.6 s on two on this loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+class _Pairs(NamedTuple):
+    """The (token, weight row) pairs of tokens sorted by cluster, token-major."""
+    starts: torch.Tensor  # [n + 1] token i's pairs are starts[i]:starts[i + 1]
+    token: torch.Tensor   # [P] the pair's token
+    row: torch.Tensor     # [P] the pair's weight row
+    target: torch.Tensor  # [n] each token's target pair
+    first: torch.Tensor   # [C + 1] cluster c's tokens are first[c]:first[c + 1]
 
 
-def _within_forward(hidden, weight, positions, segments, keep_probs):
+def _pairs(clusters: torch.Tensor, positions: torch.Tensor, offsets: torch.Tensor) -> _Pairs:
+    """Pairs of tokens whose clusters (sorted ascending) and target positions are given. Rows and
+    offsets into the pairs are int32 where they fit (half the index traffic); `token` indexes
+    scatter reductions, which take int64."""
+    dev, sizes = clusters.device, offsets.diff()[clusters]
+    starts = F.pad(sizes.cumsum(0), (1, 0))
+    n_pairs = int(starts[-1])
+    index = torch.int32 if max(n_pairs, offsets.numel()) < 2**31 else torch.int64
+    token = torch.repeat_interleave(torch.arange(clusters.numel(), device=dev), sizes, output_size=n_pairs)
+    row = torch.arange(n_pairs, dtype=index, device=dev).add_((offsets[clusters] - starts[:-1]).to(index).index_select(0, token))
+    counts = torch.bincount(clusters, minlength=offsets.numel() - 1)
+    return _Pairs(starts.to(index), token, row, starts[:-1] + positions, F.pad(counts.cumsum(0), (1, 0)))
+
+
+def _row_major(pairs: _Pairs, offsets: torch.Tensor, row_cluster: torch.Tensor):
+    """(row_starts [V + 1], token [P], order [P]): row r's pairs, in row-major order, are entries
+    row_starts[r]:row_starts[r + 1] (its cluster's tokens in turn, none for a cluster absent from
+    the batch); token gives each entry's token and order its token-major pair. Each cluster's
+    pairs are one n × S block spanning the same entries in both orders, transposed."""
+    first, dev, index = pairs.first, row_cluster.device, pairs.row.dtype
+    n, size = first.diff(), offsets.diff()
+    row_starts = F.pad(n.index_select(0, row_cluster).cumsum(0), (1, 0)).to(index)
+    block = n * size
+    cluster = torch.repeat_interleave(torch.arange(n.numel(), device=dev), block, output_size=pairs.row.numel())
+
+    def at(per_cluster):  # each entry's value of a per-cluster quantity
+        return per_cluster.to(index).index_select(0, cluster)
+
+    e = torch.arange(pairs.row.numel(), dtype=index, device=dev).sub_(at(block.cumsum(0) - block))  # within its block
+    n_of = at(n)
+    k = e.div(n_of, rounding_mode="floor")  # the entry's row within its cluster
+    token = e.sub_(k * n_of).add_(at(first[:-1]))  # its token
+    order = k.add_(pairs.starts.index_select(0, token))
+    return row_starts, token, order
+
+
+def _pair_scores(hidden: torch.Tensor, weight: torch.Tensor, pairs: _Pairs) -> torch.Tensor:
+    """[P] float32 score of every pair: hidden[token] · weight[row]. The sampled product (fp32,
+    fp64) takes a sparse CSR pattern, which Python dispatch modes cannot hold (MemTracker in
+    `llmtrain profile`) or count (FlopCounterMode): under one, and for bf16 and fp16, the same
+    products run as batched matmuls of gathered rows, a block of pairs at a time."""
+    if hidden.dtype in (torch.float32, torch.float64) and _get_current_dispatch_mode() is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            pattern = torch.sparse_csr_tensor(pairs.starts, pairs.row, hidden.new_zeros(pairs.row.numel()),
+                                              (hidden.shape[0], weight.shape[0]), check_invariants=False)
+            return torch.sparse.sampled_addmm(pattern, hidden, weight.T, beta=0.0).values().float()
+    step = max(1, GATHER_BLOCK // hidden.shape[1])
+    return torch.cat([torch.bmm(hidden.index_select(0, t).float()[:, None], weight.index_select(0, r).float()[:, :, None])
+                      .view(-1) for t, r in zip(pairs.token.split(step), pairs.row.split(step))])
+
+
+@register_flop_formula([torch.ops.aten._embedding_bag, torch.ops.aten._embedding_bag_forward_only])
+def _weighted_bag_flops(weight_shape, indices_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of embedding_bag, for torch's counter (it has none): a multiply-add per element of
+    each row summed, as ∂h and ∂W here are products written as weighted sums of rows."""
+    return 2 * indices_shape[0] * weight_shape[1]
+
+
+def _within_forward(hidden, weight, pairs: _Pairs, keep_probs: bool):
     """-log p(token | its cluster) [n] float32 for hidden states sorted by cluster, and (when
-    keep_probs) each segment's within-cluster probabilities for the backward pass."""
-    nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    probs = []
-    with _one_thread(hidden.device):
-        for start, end, lo, hi in segments:
-            logp = torch.log_softmax((hidden[start:end] @ weight[lo:hi].T).float(), dim=1)
-            nll[start:end] = logp.gather(1, positions[start:end, None]).squeeze(1).neg()
-            if keep_probs:
-                probs.append(logp.exp_())
-    return nll, probs
+    keep_probs) every pair's within-cluster probability [P] for the backward pass."""
+    scores = _pair_scores(hidden, weight, pairs)
+    n = hidden.shape[0]
+    peak = scores.new_full((n,), -math.inf).scatter_reduce_(0, pairs.token, scores, "amax")
+    shifted = scores.sub_(peak.index_select(0, pairs.token))
+    lse = torch.zeros_like(peak).index_add_(0, pairs.token, shifted.exp()).log_()
+    nll = lse - shifted[pairs.target]
+    return nll, (shifted.sub_(lse.index_select(0, pairs.token)).exp_() if keep_probs else None)
 
 
 class _WithinClusterNLL(torch.autograd.Function):
-    """Per-token within-cluster NLL; backward writes ∂W slice by slice into one dense tensor."""
+    """Per-token within-cluster NLL; backward gives ∂h and the dense ∂W as weighted sums of rows."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, positions, segments):
-        nll, probs = _within_forward(hidden, weight, positions, segments, keep_probs=True)
-        ctx.save_for_backward(hidden, weight, positions)
-        ctx.segments, ctx.probs = segments, probs
+    def forward(ctx, hidden, weight, pairs, table):
+        nll, probs = _within_forward(hidden, weight, pairs, keep_probs=True)
+        ctx.save_for_backward(hidden, weight, probs)
+        ctx.pairs, ctx.table = pairs, table
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
-        hidden, weight, positions = ctx.saved_tensors
+        hidden, weight, probs = ctx.saved_tensors
+        pairs = ctx.pairs
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.empty_like(weight) if need_weight else None
-        done = 0  # rows of grad_weight written so far; rows of absent clusters get zeros
-        with _one_thread(hidden.device):
-            for (start, end, lo, hi), p in zip(ctx.segments, ctx.probs):
-                g = grad_nll[start:end, None]
-                dlogits = (p * g).scatter_add_(1, positions[start:end, None], -g).to(weight.dtype)
-                if need_hidden:
-                    torch.mm(dlogits, weight[lo:hi], out=grad_hidden[start:end])
-                if need_weight:
-                    grad_weight[done:lo].zero_()
-                    torch.mm(dlogits.T, hidden[start:end], out=grad_weight[lo:hi])
-                done = hi
-        if need_weight:
-            grad_weight[done:].zero_()
+        g = grad_nll.float()
+        dscores = probs.mul_(g.index_select(0, pairs.token)).index_add_(0, pairs.target, -g)  # probs are not needed again
+        grad_hidden = grad_weight = None
+        if need_hidden:  # ∂h_i = Σ over i's pairs of dscore · W[row]
+            grad_hidden = F.embedding_bag(pairs.row, weight, pairs.starts, mode="sum", include_last_offset=True,
+                                          per_sample_weights=dscores.to(weight.dtype)).to(hidden.dtype)
+        if need_weight:  # ∂W_r = Σ over r's pairs of dscore · h[token]; zero for rows no token reached
+            row_starts, token, order = _row_major(pairs, *ctx.table)
+            grad_weight = F.embedding_bag(token, hidden, row_starts, mode="sum", include_last_offset=True,
+                                          per_sample_weights=dscores.index_select(0, order).to(hidden.dtype)).to(weight.dtype)
         return grad_hidden, grad_weight, None, None
 
 
@@ -194,16 +253,10 @@ class HsmHead(Head):
         mean_size = float((share * sizes).sum()) if share is not None else float(sizes.mean())
         return 6.0 * n_tokens * self.hidden_size * (self.n_clusters + mean_size)
 
-    def _group(self, clusters: torch.Tensor) -> tuple[torch.Tensor, list[Segment]]:
-        """Order sorting tokens by cluster, and one segment per cluster present."""
+    def _group(self, clusters: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, _Pairs]:
+        """Order sorting tokens by cluster, and their (token, row) pairs in that order."""
         order = torch.argsort(clusters, stable=True)
-        counts = torch.bincount(clusters, minlength=self.n_clusters).tolist()
-        segments, start = [], 0
-        for c, n in enumerate(counts):
-            if n:
-                segments.append((start, start + n, self._offsets[c], self._offsets[c + 1]))
-                start += n
-        return order, segments
+        return order, _pairs(clusters[order], positions[order], self.cluster_offsets)
 
     def _checked_targets(self, targets: torch.Tensor) -> torch.Tensor:
         bad = (targets >= self.vocab_size) | ((targets < 0) & (targets != IGNORE_INDEX))
@@ -223,9 +276,9 @@ class HsmHead(Head):
         cluster_nll = F.cross_entropy(top_logits, clusters.masked_fill(~keep, IGNORE_INDEX),
                                       ignore_index=IGNORE_INDEX, reduction="sum")
         kept = keep.nonzero().squeeze(1)
-        order, segments = self._group(clusters[kept])
+        order, pairs = self._group(clusters[kept], self.token_position[tokens[kept]])
         kept = kept[order]
-        within = _WithinClusterNLL.apply(hidden[kept], self.weight, self.token_position[tokens[kept]], segments)
+        within = _WithinClusterNLL.apply(hidden[kept], self.weight, pairs, (self.cluster_offsets, self.row_cluster))
         n_keep = max(kept.numel(), 1)
         within_nll = within.sum()
         metrics = {"cluster_nll": float(cluster_nll.detach()) / n_keep, "within_nll": float(within_nll.detach()) / n_keep}
@@ -244,10 +297,10 @@ class HsmHead(Head):
         cluster_nll = F.cross_entropy(top_logits / tau[:, None], clusters.masked_fill(~keep, IGNORE_INDEX),
                                       ignore_index=IGNORE_INDEX, reduction="none")
         kept = keep.nonzero().squeeze(1)
-        order, segments = self._group(clusters[kept])
+        order, pairs = self._group(clusters[kept], self.token_position[tokens[kept]])
         kept = kept[order]
         scaled = hidden[kept] / tau[kept].to(hidden.dtype)[:, None]
-        within = _WithinClusterNLL.apply(scaled, self.weight, self.token_position[tokens[kept]], segments)
+        within = _WithinClusterNLL.apply(scaled, self.weight, pairs, (self.cluster_offsets, self.row_cluster))
         n_keep = max(kept.numel(), 1)
         loss = ((tau * cluster_nll).sum() + (tau[kept] * within).sum()) / n_keep
         loss = loss + dro_shift(tau, keep, self.temperature.rho, self.vocab_size)
@@ -269,8 +322,8 @@ class HsmHead(Head):
         tokens = self._checked_targets(targets)
         clusters = self.token_cluster[tokens]
         top = torch.log_softmax(F.linear(hidden, self.cluster_weight).float(), dim=1)
-        order, segments = self._group(clusters)
-        within, _ = _within_forward(hidden[order], self.weight, self.token_position[tokens[order]], segments, False)
+        order, pairs = self._group(clusters, self.token_position[tokens])
+        within, _ = _within_forward(hidden[order], self.weight, pairs, keep_probs=False)
         out = top.gather(1, clusters[:, None]).squeeze(1)
         out[order] -= within
         return torch.where(targets != IGNORE_INDEX, out, 0.0)
@@ -359,25 +412,42 @@ class HsmHead(Head):
         top = torch.softmax(F.linear(hidden, self.cluster_weight).float(), dim=1)
         clusters = torch.multinomial(top, 1, generator=generator).squeeze(1) if hidden.shape[0] else \
             hidden.new_zeros(0, dtype=torch.long)
-        order, segments = self._group(clusters)
+        order, pairs = self._group(clusters, torch.zeros_like(clusters))
+        # Gumbel-max within each drawn cluster: the pair of largest score + Gumbel noise.
+        noise = torch.rand(pairs.row.numel(), generator=generator, device=hidden.device)
+        key = _pair_scores(hidden[order], self.weight, pairs).sub_(noise.log_().neg_().log_())
+        best = key.new_full(clusters.shape, -math.inf).scatter_reduce_(0, pairs.token, key, "amax")
+        hit = (key == best[pairs.token]).nonzero().squeeze(1)
+        drawn = torch.full_like(clusters, pairs.row.numel()).scatter_reduce_(0, pairs.token[hit], hit, "amin")
         rows = torch.empty_like(clusters)
-        with _one_thread(hidden.device):
-            for start, end, lo, hi in segments:
-                idx = order[start:end]
-                probs = torch.softmax((hidden[idx] @ self.weight[lo:hi].T).float(), dim=1)
-                rows[idx] = torch.multinomial(probs, 1, generator=generator).squeeze(1) + lo
+        rows[order] = pairs.row[drawn].long()
         return self.row_token[rows]
 
     @classmethod
     def transient_bytes(cls, options, n_tokens, hidden_size, vocab_size, dtype):
-        # Cluster scores as the softmax head's logits (input dtype, fp32 copy, log-softmax, its
-        # gradient); the within-cluster probabilities kept for backward, assuming targets spread
-        # over clusters of the mean size; the sorted hidden states, their gradient and ∂hidden.
+        # Two phases peak apart. The within-cluster backward: the cluster level's saved
+        # log-softmax, the sorted hidden states and their gradient, the per-pair buffers
+        # (probabilities, indices and the row-major order ∂W builds) and its per-row offsets. Then,
+        # with those freed, the cluster level's backward: its scores as the softmax head's logits
+        # (input dtype, fp32 copy, log-softmax, gradient) and three hidden-sized gradients.
         n_clusters, _ = _checked_sizes(options, vocab_size)
         b = dtype_bytes(dtype)
+        pairs = n_tokens * _mean_target_cluster(options, vocab_size, n_clusters)
+        within = n_tokens * (n_clusters * 4 + 2 * hidden_size * b) + pairs * PAIR_BYTES + vocab_size * ROW_BYTES
         per_score = 3 * 4 if dtype == torch.float32 else 2 * b + 3 * 4
-        mean_size = math.ceil(vocab_size / n_clusters)
-        return n_tokens * (n_clusters * per_score + mean_size * 4 + 3 * hidden_size * b)
+        outer = n_tokens * (n_clusters * per_score + 3 * hidden_size * b)
+        return int(max(within, outer))
+
+
+def _mean_target_cluster(options: HsmOptions, vocab_size: int, n_clusters: int) -> float:
+    """The mean size of a target's cluster on natural text (Zipf-distributed tokens, rank r with
+    share ∝ 1/r) under the frequency clusters training builds: V/C with unigram binning (each
+    cluster an equal share of the targets); with √ binning cluster k holds ~2k·V/C² tokens and
+    ~2/(k·ln V) of the targets, ~4·V/(C·ln V) in all (a third of V/C at V = 262,144)."""
+    mean_size = vocab_size / n_clusters
+    if options.binning == "unigram":
+        return mean_size
+    return mean_size * min(1.0, 4 / math.log(max(vocab_size, 2)))
 
 
 def _checked_sizes(options: HsmOptions, vocab_size: int) -> tuple[int, int]:
