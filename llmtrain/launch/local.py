@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from llmtrain.launch.stop import STOP_SIGNALS
 from llmtrain.recipe import Recipe
 
 WORKER_MODULE = "llmtrain.train"
@@ -84,7 +85,8 @@ class LaunchOutcome:
     code: int  # the launcher's exit code
     hung: str | None = None  # the watchdog ended the job: why, naming the rank
     culprit: str | None = None  # a rank seen stopped or ending first
-    interrupted: int | None = None  # a second stop signal ended the job at once: its number
+    interrupted: int | None = None  # a stop signal ended the job at once (a second one, or one before any rank)
+    before_ranks: bool = False  # that signal came while the launcher was still starting the ranks
 
 
 def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = None, world_size: int = 1,
@@ -99,6 +101,7 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
     proc = subprocess.Popen(cmd, env=worker_env(ranks_per_node), start_new_session=True, pass_fds=keep_fds)
     outcome = LaunchOutcome(code=0)
     signals_seen = []
+    ranks_started = False  # from then on a first signal is the ranks' to act on, even once they have ended
 
     def forward(signum, frame):
         signals_seen.append(signum)
@@ -110,15 +113,19 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
         for w in workers:
             with contextlib.suppress(psutil.Error):
                 w.send_signal(signum)
-        if not workers:  # still starting up: stop the whole group
+        if not workers and not ranks_started:  # still starting up: nothing to save, stop the whole group
+            outcome.interrupted, outcome.before_ranks = signum, True
+        if not workers:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
 
     watchdog = Watchdog(run_dir, world_size, timeout_s) if run_dir is not None and timeout_s else None
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
         while proc.poll() is None:
-            if watchdog and outcome.hung is None and (reason := watchdog.watch(_workers(proc.pid))):
+            workers = _workers(proc.pid)
+            ranks_started = ranks_started or bool(workers)
+            if watchdog and outcome.hung is None and (reason := watchdog.watch(workers)):
                 outcome.hung = reason
                 _kill_group(proc.pid)
             elif watchdog and watchdog.survivors_stuck():
@@ -127,7 +134,7 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
         outcome.code = proc.returncode
         # The launcher is gone; a rank it could not end (stopped, stuck) must not outlive the job.
         # After our SIGKILL nothing is left to wait for (the kernel ends them; zombies do not run).
-        if outcome.hung is None and outcome.interrupted is None:
+        if outcome.hung is None and (outcome.interrupted is None or outcome.before_ranks):
             _wait_group_gone(proc.pid, grace_s=10.0)
     finally:
         for s, handler in previous.items():
