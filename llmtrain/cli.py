@@ -109,7 +109,6 @@ def run(
       llmtrain run my-tiny.yaml head.type=cce deepspeed.zero_stage=3 --out runs/tiny-z3 --stop-after 2
     """
     from llmtrain.launch.lock import LOCK_NAME, RunLock
-    from llmtrain.launch.stop import Interrupted
     from llmtrain.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides or [])
@@ -119,14 +118,9 @@ def run(
         raise UserError(f"--out {out}: the folder holds an earlier run; continue it with --resume auto, "
                         "or choose another --out (nothing was changed)")
     with RunLock(out) as lock:
-        try:
-            code = _run_locked(recipe, out, lock, resume=resume, stop_after=stop_after, hostfile=hostfile,
-                               launcher_cmd_args=launcher_cmd_args, prepare_only=prepare_only,
-                               allow_data_change=allow_data_change, force=force)
-        except Interrupted as stop:
-            code = 128 + stop.signum
-            err.print(f"stopped by {stop} before the ranks started: nothing was trained or saved; continue with "
-                      "--resume auto (a data preparation continues where it stopped)")
+        code = _run_locked(recipe, out, lock, resume=resume, stop_after=stop_after, hostfile=hostfile,
+                           launcher_cmd_args=launcher_cmd_args, prepare_only=prepare_only,
+                           allow_data_change=allow_data_change, force=force)
         if code > 128:  # ended by a signal: leave now, without the interpreter's slow teardown of torch
             sys.stdout.flush()
             sys.stderr.flush()
@@ -136,19 +130,27 @@ def run(
 
 def _run_locked(recipe, out: Path, lock, *, resume, stop_after, hostfile, launcher_cmd_args, prepare_only,
                 allow_data_change, force) -> int:
-    """Everything `run` does while it holds the run folder's lock; returns the exit code, or raises
-    Interrupted for a stop signal before the launch."""
+    """Everything `run` does while it holds the run folder's lock; returns the exit code."""
     from llmtrain.launch.local import run_launcher
-    from llmtrain.launch.stop import stop_before_launch
+    from llmtrain.launch.stop import Interrupted, stop_before_launch
+    from llmtrain.train.status import read_status, write_status
 
-    with stop_before_launch():
-        prepared = _prepare_run(recipe, out, resume=resume, stop_after=stop_after, hostfile=hostfile,
-                                launcher_cmd_args=launcher_cmd_args, prepare_only=prepare_only,
-                                allow_data_change=allow_data_change, force=force)
-    if prepared is None:
-        return 0
-    outcome = run_launcher(prepared, recipe.launch.ranks_per_node, run_dir=out, world_size=recipe.world_size,
-                           timeout_s=recipe.launch.timeout_s, keep_fds=(lock.fd,))
+    try:
+        with stop_before_launch():
+            cmd = _prepare_run(recipe, out, resume=resume, stop_after=stop_after, hostfile=hostfile,
+                               launcher_cmd_args=launcher_cmd_args, prepare_only=prepare_only,
+                               allow_data_change=allow_data_change, force=force)
+            if cmd is None:
+                return 0
+            # inside: the launcher's own signal handling replaces ours before it starts anything
+            outcome = run_launcher(cmd, recipe.launch.ranks_per_node, run_dir=out, world_size=recipe.world_size,
+                                   timeout_s=recipe.launch.timeout_s, keep_fds=(lock.fd,))
+    except Interrupted as stop:
+        reason = f"{stop} before the ranks started: nothing was trained or saved; continue with --resume auto"
+        if read_status(out).get("pid") == os.getpid():  # this attempt had said "running"
+            write_status(out, "interrupted", reason=reason, exit_code=128 + stop.signum)
+        err.print(f"stopped by {reason} (a data preparation continues where it stopped)")
+        return 128 + stop.signum
     return _conclude(out, outcome)
 
 

@@ -1,6 +1,7 @@
 """Clusters end to end with real DeepSpeed ranks on CPU: a hostfile run, a two-"node" SLURM run
 (two processes, one rank each, SLURM variables only), SIGUSR1 then --resume auto, resume on
-another world size through universal checkpoints (ZeRO-2 and ZeRO-3), export and generate."""
+another world size through universal checkpoints (ZeRO-2 and ZeRO-3) and from ZeRO-3 to ZeRO-2,
+export and generate."""
 
 import json
 import signal
@@ -73,6 +74,15 @@ def test_resume_2_to_1_to_2_ranks_through_universal_checkpoints(recipe, referenc
 def test_resume_zero3_on_another_world_size_and_export_it(recipe, reference, tmp_path):
     run = tmp_path / "z3"
     llmtrain("run", recipe, "--out", run, "deepspeed.zero_stage=3", "--stop-after", 4)
+    # ZeRO-3 → ZeRO-2 on the same ranks: through the step-4 checkpoint's universal copy (which the
+    # 1-rank resume below reuses), two steps (step 6 is taken with the loaded Adam moments), held to
+    # the ZeRO-2 reference
+    moved = llmtrain("run", recipe, "--out", tmp_path / "z2", "--resume", run / "checkpoints" / tag_for(4),
+                     "--stop-after", 2)
+    assert "universal checkpoint" in moved.stderr
+    ours, ref = by_step(tmp_path / "z2"), by_step(reference)
+    assert sorted(ours) == [5, 6] and all(ours[s] == pytest.approx(ref[s], rel=1e-6) for s in ours), (ours, ref)
+    assert by_step(tmp_path / "z2", "lr") == {s: by_step(reference, "lr")[s] for s in (5, 6)}
     # eval.batches=4 on 1 rank reads the validation blocks that 2 batches on each of 2 ranks read
     llmtrain("run", recipe, "--out", run, "--resume", "auto", "deepspeed.zero_stage=3", "launch.ranks_per_node=1",
              "train.grad_accum=2", "eval.batches=4")

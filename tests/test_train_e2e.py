@@ -67,6 +67,7 @@ def stopped_early(recipe, tmp_path_factory):
     prep["folder"] = sorted(p.name for p in run.iterdir())
     launching = lambda: (run / "status.yaml").is_file()  # noqa: E731  written just before the launcher starts
     launch = stop_early(recipe, run, signal.SIGINT, launching, f"data.cache_dir={cache}")
+    launch["state"] = yaml.safe_load((run / "status.yaml").read_text())["state"]
     return run, cache, prep, launch
 
 
@@ -91,6 +92,7 @@ def test_a_signal_before_the_ranks_exist_ends_the_command_and_leaves_it_resumabl
         assert not outcome["left"], f"left running after {sig.name}: {outcome['left']}"
     assert prep["cache"] == [True], "the first command was not stopped while tokenizing"
     assert prep["folder"] == [".llmtrain.lock"]  # nothing of a run written yet, so nothing half-written
+    assert launch["state"] == "interrupted" and not (straight / "checkpoints" / "step00000002").exists()
     assert yaml.safe_load((straight / "status.yaml").read_text())["state"] == "complete"
 
 

@@ -94,17 +94,21 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
     """Run the launcher in its own process group and wait for it. A SIGINT/SIGTERM/SIGUSR1 sent
     to us goes to the workers only (they finish the step, save and exit 0); a second SIGINT/SIGTERM
     kills the whole group at once (an unfinished save stays invisible: its marker is written last).
+    One that comes before any rank exists ends the launch (outcome.before_ranks): nothing to save.
     With `run_dir` and `timeout_s`, a watchdog kills the group when the ranks' heartbeats stop.
     We return once every process of the group is gone."""
     from llmtrain.launch.watchdog import Watchdog
 
-    proc = subprocess.Popen(cmd, env=worker_env(ranks_per_node), start_new_session=True, pass_fds=keep_fds)
     outcome = LaunchOutcome(code=0)
     signals_seen = []
+    proc = None  # the launcher, once started
     ranks_started = False  # from then on a first signal is the ranks' to act on, even once they have ended
 
     def forward(signum, frame):
         signals_seen.append(signum)
+        if proc is None:  # the launcher is not started (or being started): it must not start ranks
+            outcome.interrupted, outcome.before_ranks = signum, True
+            return
         if len(signals_seen) > 1 and signum != signal.SIGUSR1:
             outcome.interrupted = signum
             _kill_group(proc.pid)
@@ -120,8 +124,15 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
                 os.killpg(proc.pid, signal.SIGTERM)
 
     watchdog = Watchdog(run_dir, world_size, timeout_s) if run_dir is not None and timeout_s else None
+    # Our handlers come first: a signal while the launcher is being started is not missed.
     previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
+        if outcome.interrupted is not None:
+            return outcome
+        proc = subprocess.Popen(cmd, env=worker_env(ranks_per_node), start_new_session=True, pass_fds=keep_fds)
+        if outcome.interrupted is not None:  # it came while the launcher was being started
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
         while proc.poll() is None:
             workers = _workers(proc.pid)
             ranks_started = ranks_started or bool(workers)
