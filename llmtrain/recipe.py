@@ -137,8 +137,7 @@ class DeepSpeedConfig(Section):
 
 class CheckpointConfig(Section):
     every: int = Field(100, ge=1, description="steps between checkpoints (one is also saved at the end)")
-    keep_last: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted once a finite step "
-                           "has followed a newer save, so a run's last save (no step follows it) is kept beside them")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
 
 
 class EvalConfig(Section):

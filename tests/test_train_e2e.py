@@ -130,9 +130,9 @@ def test_tempnet_stop_after_then_resume_auto_continues_exactly(recipe, tmp_path)
     exports with its network and generates at its predicted temperatures."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     llmtrain("run", recipe, "--out", straight, *TEMPNET)
-    # A checkpoint each step, keep_last=1: step 1's is pruned once step 3 confirms step 2's; step 3's
-    # save, which no step has confirmed yet, is kept beside step 2's (the one to fall back on).
-    first = llmtrain("run", recipe, "--out", split, "--stop-after", 3, "checkpoint.every=1", "checkpoint.keep_last=1",
+    # A checkpoint at every step, keep_last=2: only the newest two remain, and the resume below loads
+    # the newest (it is whole: verified, then resumed exactly).
+    first = llmtrain("run", recipe, "--out", split, "--stop-after", 3, "checkpoint.every=1", "checkpoint.keep_last=2",
                      *TEMPNET)
     assert "--resume auto" in first.stdout + first.stderr
     assert sorted(p.name for p in (split / "checkpoints").iterdir() if p.is_dir()) == ["step00000002", "step00000003"]
