@@ -35,7 +35,7 @@ test_train_e2e's SIGTERM/SIGINT/SIGUSR1 resumes) and 3 for our body; Hugging Fac
 test_hf_e2e. Covered elsewhere, not repeated: softmax at ZeRO-2, SIGTERM/SIGINT/SIGUSR1 and
 --stop-after resumes, TempNet's dropout across a resume, pruning past keep_last, a signal before
 the ranks exist (test_train_e2e); softmax at ZeRO-3, SIGUSR1 under SLURM, 2 → 1 → 2 ranks, a ZeRO-3
-resume on another world size and ZeRO-3 → ZeRO-2, export against transformers (test_clusters_e2e); Hugging Face bodies at every stage
+resume on another world size, ZeRO-3 → ZeRO-1/2 refused, export against transformers (test_clusters_e2e); Hugging Face bodies at every stage
 (test_hf_e2e); faults (test_faults_e2e)."""
 
 import pytest
