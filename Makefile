@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/llmtrain run recipes/tiny.yaml
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: setup
 	$(VENV)/bin/llmtrain bench heads

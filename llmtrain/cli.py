@@ -98,7 +98,8 @@ def run(
 
     Exit codes: 0 complete or stopped and saved; 1 failed; 2 bad input (nothing started);
     3 diverged (non-finite loss, gradients or weights); 124 a rank stopped responding for
-    launch.timeout_s; 128+N ended by a second signal N. status.yaml in the run folder says the same.
+    launch.timeout_s; 128+N ended by a second signal N, or by a signal N before the ranks started
+    (nothing to save: run the same command again). status.yaml in the run folder says the same.
 
     Examples (after `llmtrain recipe copy tiny my-tiny.yaml`):
 
@@ -120,7 +121,7 @@ def run(
         code = _run_locked(recipe, out, lock, resume=resume, stop_after=stop_after, hostfile=hostfile,
                            launcher_cmd_args=launcher_cmd_args, prepare_only=prepare_only,
                            allow_data_change=allow_data_change, force=force)
-        if code > 128:  # a second signal: leave now, without the interpreter's slow teardown of torch
+        if code > 128:  # ended by a signal: leave now, without the interpreter's slow teardown of torch
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -130,8 +131,35 @@ def run(
 def _run_locked(recipe, out: Path, lock, *, resume, stop_after, hostfile, launcher_cmd_args, prepare_only,
                 allow_data_change, force) -> int:
     """Everything `run` does while it holds the run folder's lock; returns the exit code."""
+    from llmtrain.launch.local import run_launcher
+    from llmtrain.launch.stop import Interrupted, stop_before_launch
+    from llmtrain.train.status import read_status, write_status
+
+    try:
+        with stop_before_launch():
+            cmd = _prepare_run(recipe, out, resume=resume, stop_after=stop_after, hostfile=hostfile,
+                               launcher_cmd_args=launcher_cmd_args, prepare_only=prepare_only,
+                               allow_data_change=allow_data_change, force=force)
+            if cmd is None:
+                return 0
+            # inside: the launcher's own signal handling replaces ours before it starts anything
+            outcome = run_launcher(cmd, recipe.launch.ranks_per_node, run_dir=out, world_size=recipe.world_size,
+                                   timeout_s=recipe.launch.timeout_s, keep_fds=(lock.fd,))
+    except Interrupted as stop:
+        reason = f"{stop} before the ranks started: nothing was trained or saved; continue with --resume auto"
+        if read_status(out).get("pid") == os.getpid():  # this attempt had said "running"
+            write_status(out, "interrupted", reason=reason, exit_code=128 + stop.signum)
+        err.print(f"stopped by {reason} (a data preparation continues where it stopped)")
+        return 128 + stop.signum
+    return _conclude(out, outcome)
+
+
+def _prepare_run(recipe, out: Path, *, resume, stop_after, hostfile, launcher_cmd_args, prepare_only,
+                 allow_data_change, force) -> list[str] | None:
+    """Data, checks, the checkpoint to resume and the run folder; the launcher command (None with
+    --prepare-only)."""
     from llmtrain.data.prepare import prepare_data
-    from llmtrain.launch.local import hostfile_command, local_command, run_launcher, worker_args
+    from llmtrain.launch.local import hostfile_command, local_command, worker_args
     from llmtrain.train.checkpoint import RESUME_FROM, check_compatible, read_meta, remove_partial, resolve_resume
     from llmtrain.train.heartbeat import clear_heartbeats
     from llmtrain.train.metrics import truncate_after
@@ -170,15 +198,13 @@ def _run_locked(recipe, out: Path, lock, *, resume, stop_after, hostfile, launch
         if checkpoint is not None:
             (out / RESUME_FROM).write_text(f"{checkpoint}\n")
         err.print(f"prepared {out} for {recipe.world_size} ranks")
-        return 0
+        return None
     args = worker_args(out, checkpoint, stop_after, allow_data_change)
     cmd = hostfile_command(recipe, hostfile, *launcher_cmd_args, args) if hostfile else local_command(recipe, args)
     clear_heartbeats(out)
     write_status(out, "running", step=None, steps=recipe.train.steps, started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  pid=os.getpid(), resumed_from=str(checkpoint) if checkpoint else None)
-    outcome = run_launcher(cmd, recipe.launch.ranks_per_node, run_dir=out, world_size=recipe.world_size,
-                           timeout_s=recipe.launch.timeout_s, keep_fds=(lock.fd,))
-    return _conclude(out, outcome)
+    return cmd
 
 
 def _conclude(out: Path, outcome) -> int:
@@ -196,7 +222,11 @@ def _conclude(out: Path, outcome) -> int:
         err.print(f"removed {partial}: a save that did not finish", highlight=False, soft_wrap=True)
     kept = complete_checkpoints(out / "checkpoints")
     last = str(kept[-1]) if kept else None
-    if outcome.interrupted is not None:
+    if outcome.interrupted is not None and outcome.before_ranks:
+        name = signal.Signals(outcome.interrupted).name
+        code, new_state, reason = (128 + outcome.interrupted, "interrupted",
+                                   f"{name} while the ranks were starting: nothing was trained; continue with --resume auto")
+    elif outcome.interrupted is not None:
         name = signal.Signals(outcome.interrupted).name
         code, new_state, reason = 128 + outcome.interrupted, "interrupted", f"a second {name}: every rank was ended at once"
     elif outcome.hung is not None:

@@ -115,6 +115,42 @@ def assert_resumed_exactly(run: Path, straight: Path, first_segment: list[str], 
     return k
 
 
+# ZeRO-3 keeps parameters under 1e5 elements whole (every weight of these tiny models), and after
+# the first step keeps a small model's weights gathered (reuse distance) or fetches them ahead
+# (prefetch). With all three at 0 (merged into DeepSpeed's config through the recipe's
+# deepspeed.config) every weight is released after each module's forward, so a recomputation
+# inside backward runs only if it gathers the block's weights again.
+RELEASE_WEIGHTS = [f"deepspeed.config.zero_optimization.{key}=0" for key in
+                   ("stage3_param_persistence_threshold", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size")]
+CHECKPOINTING = "model.activation_checkpointing=true"
+
+
+def recompute_probe(prefix: Path) -> dict:
+    """The environment (for llmtrain(env=...)) under which every worker records each training-mode
+    forward of a block to PREFIX.RANK (tests/recompute_probe)."""
+    return {"RECOMPUTE_PROBE": str(prefix),
+            "PYTHONPATH": os.pathsep.join([str(TESTS / "recompute_probe"), checkout_env()["PYTHONPATH"]])}
+
+
+def assert_recomputed(run: Path, prefix: Path, steps: int, released: bool = False):
+    """The run's workers (probed under recompute_probe(prefix)) ran each block forward, then again
+    inside backward, last block first, at each of `steps` optimizer steps' micro-steps, with the
+    block's weight whole every time; with `released` (ZeRO-3 under RELEASE_WEIGHTS) the earlier
+    blocks' weights were released at each forward, so each recomputation gathered its weight again."""
+    saved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
+    assert saved["model"]["activation_checkpointing"] is True
+    layers, micro_steps = saved["model"]["layers"], steps * saved["train"]["grad_accum"]
+    forward = [(i, False) for i in range(layers)]
+    recompute = [(i, True) for i in reversed(range(layers))]  # backward reaches the last block first
+    for rank in range(saved["launch"]["ranks_per_node"] * saved["launch"]["nodes"]):
+        calls = [json.loads(line) for line in Path(f"{prefix}.{rank}").read_text().splitlines()]
+        assert [(c["block"], c["backward"]) for c in calls] == (forward + recompute) * micro_steps, rank
+        for c in calls:
+            assert c["whole"][c["block"]], c  # every run of a block had its weight, recomputation included
+            if released and not c["backward"]:
+                assert not any(c["whole"][:c["block"]]), c
+
+
 def validation_blocks(run: Path):
     """[n, seq_len + 1] the validation blocks a run's evaluation reads, as raw uint32 from its
     shards: on each rank, eval.batches micro-batches starting where the worker starts them (a

@@ -1,6 +1,7 @@
 """Clusters end to end with real DeepSpeed ranks on CPU: a hostfile run, a two-"node" SLURM run
 (two processes, one rank each, SLURM variables only), SIGUSR1 then --resume auto, resume on
-another world size through universal checkpoints (ZeRO-2 and ZeRO-3), export and generate."""
+another world size through universal checkpoints (ZeRO-2 and ZeRO-3; ZeRO-3 → ZeRO-1/2 refused),
+export and generate."""
 
 import json
 import signal
@@ -73,6 +74,14 @@ def test_resume_2_to_1_to_2_ranks_through_universal_checkpoints(recipe, referenc
 def test_resume_zero3_on_another_world_size_and_export_it(recipe, reference, tmp_path):
     run = tmp_path / "z3"
     llmtrain("run", recipe, "--out", run, "deepspeed.zero_stage=3", "--stop-after", 4)
+    # ZeRO-3 → ZeRO-2 is refused before anything starts, as ZeRO-1/2 → ZeRO-3 is (test_matrix_e2e):
+    # DeepSpeed 0.19.8's stage-1/2 loader cannot read a ZeRO-3 checkpoint or its universal copy
+    for stage in (1, 2):
+        refused = llmtrain("run", recipe, "--out", tmp_path / "z2", "--resume", run / "checkpoints" / tag_for(4),
+                           f"deepspeed.zero_stage={stage}", check=False)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert f"cannot resume a ZeRO-3 checkpoint with deepspeed.zero_stage={stage}" in refused.stderr
+    assert not (tmp_path / "z2").exists() and not (run / "checkpoints" / "universal").exists()  # nothing written
     # eval.batches=4 on 1 rank reads the validation blocks that 2 batches on each of 2 ranks read
     llmtrain("run", recipe, "--out", run, "--resume", "auto", "deepspeed.zero_stage=3", "launch.ranks_per_node=1",
              "train.grad_accum=2", "eval.batches=4")

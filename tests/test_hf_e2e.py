@@ -12,7 +12,8 @@ import torch
 import transformers
 import yaml
 
-from conftest import MICRO_STEPS, TESTS, assert_resumed_exactly, by_step, checkout_env, free_port, llmtrain, metrics_lines
+from conftest import (CHECKPOINTING, MICRO_STEPS, RELEASE_WEIGHTS, TESTS, assert_recomputed, assert_resumed_exactly,
+                      by_step, checkout_env, free_port, llmtrain, metrics_lines, recompute_probe)
 from hf_models import save_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -68,30 +69,37 @@ def test_first_loss_is_transformers_loss_on_the_same_batches(reference):
 
 @pytest.mark.parametrize("stage", [0, 1])  # ZeRO-2: the reference; ZeRO-3: test_zero3_resume_is_bit_exact
 def test_every_zero_stage_trains_the_same_trajectory(hf_recipe, reference, tmp_path, stage):
-    run = tmp_path / f"z{stage}"
-    llmtrain("run", hf_recipe, "--out", run, f"deepspeed.zero_stage={stage}")
+    """With activation checkpointing on (transformers' own, every decoder layer recomputed): the
+    reference's trajectory, run without it."""
+    run, probe = tmp_path / f"z{stage}", tmp_path / "probe"
+    llmtrain("run", hf_recipe, "--out", run, f"deepspeed.zero_stage={stage}", CHECKPOINTING, env=recompute_probe(probe))
     assert_same_trajectory(run, reference, range(1, STEPS + 1))
+    assert_recomputed(run, probe, STEPS)
 
 
 def test_zero3_resume_is_bit_exact(hf_recipe, reference, tmp_path):
-    """ZeRO-3 trains the ZeRO-2 reference's trajectory; stopped and resumed, it reproduces its own
-    uninterrupted run in every logged quantity."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
+    """ZeRO-3 trains the ZeRO-2 reference's trajectory; stopped and resumed with activation
+    checkpointing switched on (and ZeRO-3 releasing every weight after use), it reproduces its own
+    uninterrupted run in every logged quantity, each layer recomputed with its weight gathered again."""
+    straight, split, probe = tmp_path / "straight", tmp_path / "split", tmp_path / "probe"
     llmtrain("run", hf_recipe, "--out", straight, "deepspeed.zero_stage=3", "checkpoint.every=100")
     assert_same_trajectory(straight, reference, range(1, STEPS + 1))
     llmtrain("run", hf_recipe, "--out", split, "deepspeed.zero_stage=3", "checkpoint.every=100", "--stop-after", 3)
     segment = metrics_lines(split)
     resumed = llmtrain("run", hf_recipe, "--out", split, "--resume", "auto", "deepspeed.zero_stage=3",
-                       "checkpoint.every=100")
+                       "checkpoint.every=100", CHECKPOINTING, *RELEASE_WEIGHTS, env=recompute_probe(probe))
     assert "(step 3, saved by 2 ranks)" in resumed.stderr
     assert assert_resumed_exactly(split, straight, segment, resumed.stderr) == 3
+    assert_recomputed(split, probe, STEPS - 3, released=True)
 
 
 def test_universal_checkpoint_continues_on_one_rank(hf_recipe, reference, tmp_path):
-    run = tmp_path / "one-rank"
+    """At ZeRO-2 with activation checkpointing switched on: the reference's trajectory."""
+    run, probe = tmp_path / "one-rank", tmp_path / "probe"
     llmtrain("run", hf_recipe, "--out", run, "--resume", reference / "checkpoints" / "step00000004",
-             "launch.ranks_per_node=1", "train.grad_accum=2")
+             "launch.ranks_per_node=1", "train.grad_accum=2", CHECKPOINTING, env=recompute_probe(probe))
     assert_same_trajectory(run, reference, range(5, STEPS + 1))
+    assert_recomputed(run, probe, STEPS - 4)
 
 
 def test_export_is_the_original_architecture_with_our_logits(reference, tmp_path):

@@ -1,8 +1,10 @@
 """The end-to-end matrix through the real CLI, 2 ranks on CPU. Each cell is trained twice: once
 uninterrupted, and once stopped by --stop-after 2 then resumed with --resume auto on the same
-ranks; the resumed run's every logged quantity equals the uninterrupted run's
-(conftest.assert_resumed_exactly); then the cell is exported and the export checked against the
-logged evaluation.
+ranks with activation checkpointing switched on; the resumed run's every logged quantity equals the
+uninterrupted run's (conftest.assert_resumed_exactly: checkpointing changes no loss, and a run may
+resume with it switched), and the probe (tests/recompute_probe) saw every block recomputed in each
+resumed step's backward; then the cell is exported and the export checked against the logged
+evaluation.
 
 Cells: each code path once, not the whole product (heads × ZeRO stages × options):
 
@@ -17,25 +19,32 @@ Cells: each code path once, not the whole product (heads × ZeRO stages × optio
                                                            exported weights as plain scores h·Wᵀ
   zero3     hsm      3      bf16                           hsm's clusters from the data, its eval under
                                                            ZeRO-3 (weights gathered outside forward),
-                                                           bf16 mode, a ZeRO-3 resume on the same ranks
+                                                           bf16 mode, a ZeRO-3 resume on the same ranks;
+                                                           resumed with deepspeed.config keys that make
+                                                           ZeRO-3 release every weight after use: the
+                                                           probe sees them released (the merge took
+                                                           effect) and each recomputation gather again
   torchrun  cce      1 → 2  the torchrun launcher          cce; torchrun; a resume that changes the ZeRO
                                                            stage (a universal checkpoint), held to the
                                                            uninterrupted ZeRO-2 run to 1e-6; the same
                                                            checkpoint refused at ZeRO-3 (exit 2: DeepSpeed
                                                            0.19.8 cannot load ZeRO-1/2 files at stage 3)
 
-Covered elsewhere, not repeated: softmax at ZeRO-2 and ZeRO-3, SIGTERM/SIGINT/--stop-after resumes
-and TempNet's dropout across a resume (test_train_e2e); SIGUSR1 under SLURM, 2 → 1 → 2 ranks, a
-ZeRO-3 resume on another world size, export against transformers (test_clusters_e2e); Hugging
-Face bodies at every stage (test_hf_e2e); a `deepspeed.config` merge that changes what ZeRO-3
-does (test_activation_checkpointing_e2e); faults (test_faults_e2e)."""
+Activation checkpointing is thus checked at ZeRO 0, 1, 2 (the torchrun cell, to 1e-6; exactly in
+test_train_e2e's SIGTERM/SIGINT/SIGUSR1 resumes) and 3 for our body; Hugging Face bodies in
+test_hf_e2e. Covered elsewhere, not repeated: softmax at ZeRO-2, SIGTERM/SIGINT/SIGUSR1 and
+--stop-after resumes, TempNet's dropout across a resume, pruning past keep_last, a signal before
+the ranks exist (test_train_e2e); softmax at ZeRO-3, SIGUSR1 under SLURM, 2 → 1 → 2 ranks, a ZeRO-3
+resume on another world size, ZeRO-3 → ZeRO-1/2 refused, export against transformers (test_clusters_e2e); Hugging Face bodies at every stage
+(test_hf_e2e); faults (test_faults_e2e)."""
 
 import pytest
 import torch
 import yaml
 
-from conftest import (assert_resumed_exactly, by_step, independent_validation_metrics, llmtrain, metrics_lines,
-                      records, top_k_tolerance, validation_blocks)
+from conftest import (CHECKPOINTING, RELEASE_WEIGHTS, assert_recomputed, assert_resumed_exactly, by_step,
+                      independent_validation_metrics, llmtrain, metrics_lines, recompute_probe, records,
+                      top_k_tolerance, validation_blocks)
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +58,18 @@ CELLS = {
 
 
 def train_and_resume(recipe, tmp_path, straight_args, first_args, resumed_args, rel=0.0):
-    """The uninterrupted run, and the run stopped after 2 steps and resumed: equal."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
+    """The uninterrupted run, and the run stopped after 2 steps and resumed with activation
+    checkpointing on: equal, and every block recomputed in the resumed steps."""
+    straight, split, probe = tmp_path / "straight", tmp_path / "split", tmp_path / "probe"
     llmtrain("run", recipe, "--out", straight, *SHORT, *straight_args)
     llmtrain("run", recipe, "--out", split, *SHORT, *first_args, "--stop-after", 2)
     segment = metrics_lines(split)
-    resumed = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, *resumed_args)
+    released = "deepspeed.zero_stage=3" in resumed_args
+    resumed = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, *resumed_args, CHECKPOINTING,
+                       *(RELEASE_WEIGHTS if released else []), env=recompute_probe(probe))
     assert assert_resumed_exactly(split, straight, segment, resumed.stderr, rel=rel) == 2
     assert sorted(by_step(split)) == list(range(1, STEPS + 1)) and by_step(split)[STEPS] < by_step(split)[1]
+    assert_recomputed(split, probe, STEPS - 2, released=released)
     return split
 
 
@@ -119,9 +132,12 @@ def test_torchrun_cce_resume_changes_the_zero_stage(recipe, tmp_path):
     assert not (split / "checkpoints" / "universal").exists() and len(records(split)) == 2
     llmtrain("run", recipe, "--out", straight, *SHORT, *z2)
     segment = metrics_lines(split)
-    resumed = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, *z2)
+    probe = tmp_path / "probe"
+    resumed = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, *z2, CHECKPOINTING,
+                       env=recompute_probe(probe))
     assert "universal checkpoint" in resumed.stderr
     assert assert_resumed_exactly(split, straight, segment, resumed.stderr, rel=1e-6) == 2
+    assert_recomputed(split, probe, STEPS - 2)
     llmtrain("export", split, "--out", tmp_path / "export")
     theirs = independent_validation_metrics(split, tmp_path / "export" / "hf")
     assert records(split, "val_loss")[-1]["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)

@@ -1,17 +1,21 @@
-"""End to end through the CLI with real DeepSpeed ranks (2 on CPU): training under ZeRO-2/3,
-exact resume (--stop-after, SIGTERM, SIGINT; TempNet's dropout across the resume), partial
-checkpoints, refused resumes."""
+"""End to end through the CLI with real DeepSpeed ranks (2 on CPU): training under ZeRO-2,
+exact resume (--stop-after, SIGTERM, SIGINT, SIGUSR1 outside SLURM, the last three resumed with
+activation checkpointing switched on; TempNet's dropout across the resume), pruning past
+keep_last, partial checkpoints, refused resumes."""
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
-from conftest import ROOT, assert_resumed_exactly, checkout_env, llmtrain, metrics_lines, records
+from conftest import (CHECKPOINTING, ROOT, assert_recomputed, assert_resumed_exactly, checkout_env, llmtrain,
+                      metrics_lines, recompute_probe, records)
 
 pytestmark = pytest.mark.slow
 
@@ -20,13 +24,76 @@ TEMPNET = ["head.type=cce", "temperature.enabled=true", "temperature.width=16", 
            "temperature.lr=2e-3"]
 
 
+def stop_early(recipe, run: Path, sig: signal.Signals, ready, *args) -> dict:
+    """`llmtrain run RECIPE --out RUN ARGS` sent `sig` as soon as `ready()`: its exit code, seconds
+    from the signal to its exit, output, and the processes it started (marked through their
+    environment, so orphans are found wherever they were reparented) still alive 10 s later."""
+    mark = f"{run}-{sig.name}"
+    proc = subprocess.Popen([sys.executable, "-m", "llmtrain.cli", "run", str(recipe), "--out", str(run), *args],
+                            cwd=ROOT, env={**checkout_env(), "LLMTRAIN_TEST_MARK": mark}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "the command ended before the moment to signal it"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    t0 = time.time()
+    output, _ = proc.communicate(timeout=120)
+    seconds = time.time() - t0
+
+    def marked():
+        found = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if p.environ().get("LLMTRAIN_TEST_MARK") == mark and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(" ".join(p.cmdline())[:200])
+        return found
+
+    deadline = time.time() + 10
+    while marked() and time.time() < deadline:
+        time.sleep(0.2)
+    return {"code": proc.returncode, "seconds": seconds, "output": output, "left": marked()}
+
+
 @pytest.fixture(scope="module")
-def straight(recipe, tmp_path_factory):
+def stopped_early(recipe, tmp_path_factory):
+    """The straight run's command, stopped twice before any rank existed: by SIGTERM while its data
+    was being tokenized (into a cache of its own, so that it is always still to do), then, run again
+    as it was, by SIGINT while the launcher was starting the ranks."""
+    run, cache = tmp_path_factory.mktemp("straight") / "z2", tmp_path_factory.mktemp("cache")
+    tokenizing = lambda: any((cache / "tokens").glob("*.partial"))  # noqa: E731
+    prep = stop_early(recipe, run, signal.SIGTERM, tokenizing, f"data.cache_dir={cache}")
+    prep["cache"] = sorted(p.name.endswith(".partial") for p in (cache / "tokens").iterdir())
+    prep["folder"] = sorted(p.name for p in run.iterdir())
+    launching = lambda: (run / "status.yaml").is_file()  # noqa: E731  written just before the launcher starts
+    launch = stop_early(recipe, run, signal.SIGINT, launching, f"data.cache_dir={cache}")
+    launch["state"] = yaml.safe_load((run / "status.yaml").read_text())["state"]
+    return run, cache, prep, launch
+
+
+@pytest.fixture(scope="module")
+def straight(recipe, stopped_early):
     """The uninterrupted 8-step ZeRO-2 run (evaluations and checkpoints at steps 4 and 8): what
-    every resume of this recipe must reproduce."""
-    run = tmp_path_factory.mktemp("straight") / "z2"
-    llmtrain("run", recipe, "--out", run)
+    every resume of this recipe must reproduce. Its folder and data cache are the early-stopped
+    command's, continued with --resume auto as that command said."""
+    run, cache, _, _ = stopped_early
+    llmtrain("run", recipe, "--out", run, "--resume", "auto", f"data.cache_dir={cache}")
     return run
+
+
+def test_a_signal_before_the_ranks_exist_ends_the_command_and_leaves_it_resumable(stopped_early, straight):
+    _, _, prep, launch = stopped_early
+    for outcome, sig in ((prep, signal.SIGTERM), (launch, signal.SIGINT)):
+        assert outcome["code"] == 128 + sig, outcome["output"][-3000:]
+        assert f"stopped by {sig.name} before the ranks started" in outcome["output"] or \
+            f"{sig.name} while the ranks were starting" in outcome["output"], outcome["output"][-3000:]
+        assert "Traceback" not in outcome["output"] and "--resume auto" in outcome["output"]
+        assert outcome["seconds"] < 30, outcome  # the tokenizing pool and a starting launcher end within seconds
+        assert not outcome["left"], f"left running after {sig.name}: {outcome['left']}"
+    assert prep["cache"] == [True], "the first command was not stopped while tokenizing"
+    assert prep["folder"] == [".llmtrain.lock"]  # nothing of a run written yet, so nothing half-written
+    assert launch["state"] == "interrupted" and not (straight / "checkpoints" / "step00000002").exists()
+    assert yaml.safe_load((straight / "status.yaml").read_text())["state"] == "complete"
 
 
 def assert_trained(run: Path, stage: int):
@@ -47,14 +114,11 @@ def assert_trained(run: Path, stage: int):
     assert yaml.safe_load((run / "recipe.resolved.yaml").read_text())["deepspeed"]["zero_stage"] == stage
 
 
+# ZeRO-3 training, checkpointing and evaluation: test_matrix_e2e's zero3 cell (trained, checkpointed
+# and evaluated every 2 steps, resumed exactly, its val_loss recomputed from the export) and
+# test_clusters_e2e's ZeRO-3 run (the ZeRO-2 trajectory and final val_loss to 1e-6).
 def test_zero2_trains_checkpoints_and_evaluates(straight):
     assert_trained(straight, 2)
-
-
-def test_zero3_trains_checkpoints_and_evaluates(recipe, tmp_path):
-    run = tmp_path / "z3"
-    llmtrain("run", recipe, "deepspeed.zero_stage=3", "--out", run)
-    assert_trained(run, 3)
 
 
 def test_tempnet_stop_after_then_resume_auto_continues_exactly(recipe, tmp_path):
@@ -63,8 +127,13 @@ def test_tempnet_stop_after_then_resume_auto_continues_exactly(recipe, tmp_path)
     exports with its network and generates at its predicted temperatures."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     llmtrain("run", recipe, "--out", straight, *TEMPNET)
-    first = llmtrain("run", recipe, "--out", split, "--stop-after", 3, *TEMPNET)
+    # A checkpoint at every step, keep_last=2: only the newest two remain, and the resume below loads
+    # the newest (it is whole: verified, then resumed exactly).
+    first = llmtrain("run", recipe, "--out", split, "--stop-after", 3, "checkpoint.every=1", "checkpoint.keep_last=2",
+                     *TEMPNET)
     assert "--resume auto" in first.stdout + first.stderr
+    assert sorted(p.name for p in (split / "checkpoints").iterdir() if p.is_dir()) == ["step00000002", "step00000003"]
+    llmtrain("checkpoint", "verify", split)
     segment = metrics_lines(split)
     # A half-written newer checkpoint (no llmtrain.json) must be ignored by --resume auto.
     partial = split / "checkpoints" / "step00000007"
@@ -84,10 +153,13 @@ def test_tempnet_stop_after_then_resume_auto_continues_exactly(recipe, tmp_path)
     assert auto.stdout.startswith("def main(") and len(auto.stdout) > len("def main(\n")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+# SIGUSR1 is what SLURM sends before a job's time limit (--signal=USR1@...); sent to the CLI outside
+# SLURM it means the same: stop and save, resumable (a user or scheduler asked for it by name).
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_a_stop_signal_saves_then_resume_auto_continues_exactly(recipe, straight, tmp_path, sig):
     """The signal reaches the CLI as soon as step 1 is logged; the ranks finish their step, save
-    and exit 0, and the resume reproduces the uninterrupted run."""
+    and exit 0, and the resume (with activation checkpointing switched on: same losses, every
+    block recomputed) reproduces the uninterrupted run at ZeRO-2."""
     run = tmp_path / "sig"
     cmd = [sys.executable, "-m", "llmtrain.cli", "run", str(recipe), "--out", str(run)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -102,8 +174,10 @@ def test_a_stop_signal_saves_then_resume_auto_continues_exactly(recipe, straight
     stopped = yaml.safe_load((run / "status.yaml").read_text())["step"]
     assert 0 < stopped < 8, "the signal came too late to stop the run before its end"
     segment = metrics_lines(run)
-    resumed = llmtrain("run", recipe, "--out", run, "--resume", "auto")
+    probe = tmp_path / "probe"
+    resumed = llmtrain("run", recipe, "--out", run, "--resume", "auto", CHECKPOINTING, env=recompute_probe(probe))
     assert assert_resumed_exactly(run, straight, segment, resumed.stderr) == stopped
+    assert_recomputed(run, probe, 8 - stopped)
 
 
 def test_resume_refuses_a_different_model(recipe, tmp_path):

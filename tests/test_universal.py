@@ -36,6 +36,14 @@ def test_zero1_and_zero2_checkpoints_are_refused_at_zero3(saved):
         needs_universal(meta(2, saved), 2, 3)
 
 
+@pytest.mark.parametrize("now", [1, 2])
+def test_zero3_checkpoints_are_refused_at_zero1_and_zero2(now):
+    """Through the real CLI on a real checkpoint: test_clusters_e2e's ZeRO-3 run."""
+    for world in (2, 1):
+        with pytest.raises(UserError, match=f"ZeRO-3 checkpoint with deepspeed.zero_stage={now}"):
+            needs_universal(meta(2, 3), world, now)
+
+
 def test_workers_only_look_for_a_finished_conversion(tmp_path):
     tag = tmp_path / "checkpoints" / "step00000004"
     tag.mkdir(parents=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from llmtrain.launch.stop import STOP_SIGNALS
 from llmtrain.recipe import Recipe
 
 WORKER_MODULE = "llmtrain.train"
@@ -84,7 +85,8 @@ class LaunchOutcome:
     code: int  # the launcher's exit code
     hung: str | None = None  # the watchdog ended the job: why, naming the rank
     culprit: str | None = None  # a rank seen stopped or ending first
-    interrupted: int | None = None  # a second stop signal ended the job at once: its number
+    interrupted: int | None = None  # a stop signal ended the job at once (a second one, or one before any rank)
+    before_ranks: bool = False  # that signal came while the launcher was still starting the ranks
 
 
 def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = None, world_size: int = 1,
@@ -92,16 +94,21 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
     """Run the launcher in its own process group and wait for it. A SIGINT/SIGTERM/SIGUSR1 sent
     to us goes to the workers only (they finish the step, save and exit 0); a second SIGINT/SIGTERM
     kills the whole group at once (an unfinished save stays invisible: its marker is written last).
+    One that comes before any rank exists ends the launch (outcome.before_ranks): nothing to save.
     With `run_dir` and `timeout_s`, a watchdog kills the group when the ranks' heartbeats stop.
     We return once every process of the group is gone."""
     from llmtrain.launch.watchdog import Watchdog
 
-    proc = subprocess.Popen(cmd, env=worker_env(ranks_per_node), start_new_session=True, pass_fds=keep_fds)
     outcome = LaunchOutcome(code=0)
     signals_seen = []
+    proc = None  # the launcher, once started
+    ranks_started = False  # from then on a first signal is the ranks' to act on, even once they have ended
 
     def forward(signum, frame):
         signals_seen.append(signum)
+        if proc is None:  # the launcher is not started (or being started): it must not start ranks
+            outcome.interrupted, outcome.before_ranks = signum, True
+            return
         if len(signals_seen) > 1 and signum != signal.SIGUSR1:
             outcome.interrupted = signum
             _kill_group(proc.pid)
@@ -110,15 +117,26 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
         for w in workers:
             with contextlib.suppress(psutil.Error):
                 w.send_signal(signum)
-        if not workers:  # still starting up: stop the whole group
+        if not workers and not ranks_started:  # still starting up: nothing to save, stop the whole group
+            outcome.interrupted, outcome.before_ranks = signum, True
+        if not workers:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
 
     watchdog = Watchdog(run_dir, world_size, timeout_s) if run_dir is not None and timeout_s else None
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    # Our handlers come first: a signal while the launcher is being started is not missed.
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
+        if outcome.interrupted is not None:
+            return outcome
+        proc = subprocess.Popen(cmd, env=worker_env(ranks_per_node), start_new_session=True, pass_fds=keep_fds)
+        if outcome.interrupted is not None:  # it came while the launcher was being started
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
         while proc.poll() is None:
-            if watchdog and outcome.hung is None and (reason := watchdog.watch(_workers(proc.pid))):
+            workers = _workers(proc.pid)
+            ranks_started = ranks_started or bool(workers)
+            if watchdog and outcome.hung is None and (reason := watchdog.watch(workers)):
                 outcome.hung = reason
                 _kill_group(proc.pid)
             elif watchdog and watchdog.survivors_stuck():
@@ -127,7 +145,7 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
         outcome.code = proc.returncode
         # The launcher is gone; a rank it could not end (stopped, stuck) must not outlive the job.
         # After our SIGKILL nothing is left to wait for (the kernel ends them; zombies do not run).
-        if outcome.hung is None and outcome.interrupted is None:
+        if outcome.hung is None and (outcome.interrupted is None or outcome.before_ranks):
             _wait_group_gone(proc.pid, grace_s=10.0)
     finally:
         for s, handler in previous.items():

@@ -51,7 +51,10 @@ def needs_universal(meta: dict[str, Any], world_size: int, zero_stage: int) -> b
     ZeRO-0 keeps whole optimizer states in the model file, which any world size loads; between
     ZeRO-0 and ZeRO-1..3 there is no conversion, nor from ZeRO-1/2 to ZeRO-3: DeepSpeed 0.19.8's
     stage-3 universal loader reads stage-3 files only (seen: it finds no model-states file, and
-    with one it fails on the stage-2 optimizer files, KeyError 'optimizer_state_dict')."""
+    with one it fails on the stage-2 optimizer files, KeyError 'optimizer_state_dict'); nor back
+    from ZeRO-3 to ZeRO-1/2: the stage-1/2 loader looks for mp_rank_*_model_states.pt, which a
+    ZeRO-3 checkpoint (and its universal copy) does not have (seen: AssertionError in
+    state_dict_factory.check_ckpt_list)."""
     before = saved_stage(meta)
     if (before == 0) != (zero_stage == 0):
         raise UserError(f"cannot resume a ZeRO-{before} checkpoint with deepspeed.zero_stage={zero_stage}: "
@@ -59,6 +62,10 @@ def needs_universal(meta: dict[str, Any], world_size: int, zero_stage: int) -> b
     if before in (1, 2) and zero_stage == 3:
         raise UserError(f"cannot resume a ZeRO-{before} checkpoint with deepspeed.zero_stage=3: DeepSpeed's "
                         "ZeRO-3 loader reads ZeRO-3 checkpoints only; resume at deepspeed.zero_stage=1 or 2 "
+                        "(another world size works)")
+    if before == 3 and zero_stage in (1, 2):
+        raise UserError(f"cannot resume a ZeRO-3 checkpoint with deepspeed.zero_stage={zero_stage}: DeepSpeed's "
+                        "ZeRO-1/2 loader reads ZeRO-1/2 checkpoints only; resume at deepspeed.zero_stage=3 "
                         "(another world size works)")
     return before > 0 and (meta["world_size"] != world_size or before != zero_stage)
 
