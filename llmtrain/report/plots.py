@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llmtrain.report.runs import Run
+from llmtrain.report.runs import Run, tempered_bpb
 
 SIZE = (900, 540)  # pixels: width, height
 DPI = 100
@@ -52,10 +52,10 @@ def _finish(plt, fig, ax, path: Path, drawn: bool, missing: str) -> None:
     plt.close(fig)
 
 
-def _line(ax, run: Run, xs, ys, **kwargs) -> bool:
+def _line(ax, run: Run, xs, ys, suffix: str = "", **kwargs) -> bool:
     if not xs:
         return False
-    label = run.label + (" (running)" if run.running else "")
+    label = run.label + suffix + (" (running)" if run.running else "")
     ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label, **kwargs)
     return True
 
@@ -71,6 +71,10 @@ def write_plots(runs: list[Run], out: Path, seconds: float | None) -> dict[str, 
         for run in runs:
             points = [(x_of(run, r), r[key]) for r in run.evals if key in r]
             drawn |= _line(ax, run, [p[0] for p in points], [p[1] for p in points])
+            if key == "val_bpb":  # a TempNet run: its tempered distribution too, dashed in the same colour
+                tempered = [(x_of(run, r), tempered_bpb(r)) for r in run.evals if tempered_bpb(r) is not None]
+                _line(ax, run, [p[0] for p in tempered], [p[1] for p in tempered], suffix=" @τ", linestyle="--",
+                      color=ax.lines[-1].get_color() if points else None)
         if mark_seconds and seconds is not None and drawn:
             ax.axvline(seconds, color="grey", linestyle="--", linewidth=1, label=f"equal wall-clock: {seconds:.0f} s")
         _finish(plt, fig, ax, out / name, drawn, f"no run reports {key}")

@@ -82,6 +82,14 @@ def latest_attempt(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return kept
 
 
+def tempered_bpb(record: dict[str, Any]) -> float | None:
+    """Bits per byte at each token's predicted τ (a TempNet run's evaluation): the tempered loss
+    over the bytes per token, which the same record gives as val_loss / val_bpb."""
+    if "val_loss_tau" not in record or not record.get("val_loss"):
+        return None
+    return record["val_loss_tau"] * record["val_bpb"] / record["val_loss"]
+
+
 def interpolate(points: list[tuple[float, float]], x: float, extrapolate: bool = False) -> float | None:
     """The piecewise-linear value at x through (x, y) points sorted by x; None outside their span
     unless `extrapolate` (then the end segments are extended)."""

@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from llmtrain.report.runs import Run, interpolate
+from llmtrain.report.runs import Run, interpolate, tempered_bpb
 from llmtrain.train.memory import format_bytes
 
 
@@ -70,12 +70,8 @@ def _best(key: str) -> Callable[[Run, float | None], Any]:
 
 
 def _bpb_at_tau(run: Run, _) -> float | None:
-    """Bits per byte of the tempered distribution: its loss over the bytes per token, which the
-    last evaluation gives as val_loss / (ln 2 · val_bpb)."""
     last = next((r for r in reversed(run.evals) if "val_loss_tau" in r), None)
-    if last is None or not last.get("val_loss"):
-        return None
-    return last["val_loss_tau"] * last["val_bpb"] / last["val_loss"]
+    return None if last is None else tempered_bpb(last)
 
 
 def _tau(run: Run, _) -> str | None:
