@@ -72,7 +72,7 @@ def write_plots(runs: list[Run], out: Path, seconds: float | None) -> dict[str, 
             points = [(x_of(run, r), r[key]) for r in run.evals if key in r]
             drawn |= _line(ax, run, [p[0] for p in points], [p[1] for p in points])
             if key == "val_bpb":  # a TempNet run: its tempered distribution too, dashed in the same colour
-                tempered = [(x_of(run, r), tempered_bpb(r)) for r in run.evals if tempered_bpb(r) is not None]
+                tempered = [(x_of(run, r), bpb) for r in run.evals if (bpb := tempered_bpb(r)) is not None]
                 _line(ax, run, [p[0] for p in tempered], [p[1] for p in tempered], suffix=" @τ", linestyle="--",
                       color=ax.lines[-1].get_color() if points else None)
         if mark_seconds and seconds is not None and drawn:
