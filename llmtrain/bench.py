@@ -40,6 +40,8 @@ PEERS = {
     "torch-eager": "F.cross_entropy on materialized fp32 logits (the reference of every ratio)",
     "torch-linear-ce": "torch F.linear_cross_entropy with LinearCrossEntropyOptions() (chunked)",
     "apple-cce": "cut_cross_entropy.linear_cross_entropy: impl=torch_compile on CPU, its kernel on CUDA",
+    "apple-cce-compile": "cut_cross_entropy.linear_cross_entropy with impl=torch_compile on any device",
+    "liger": "liger_kernel's LigerFusedLinearCrossEntropyLoss (Triton kernels: CUDA only)",
     "torch-adaptive": "nn.AdaptiveLogSoftmaxWithLoss, cutoffs from adaptive_cutoffs()",
 }
 REFERENCE = "torch-eager"
@@ -122,11 +124,16 @@ def _make_step(spec: dict, h, w, targets, counts) -> tuple[Callable[[], object],
     if name == "torch-linear-ce":
         opts = nn.LinearCrossEntropyOptions()
         return (lambda: F.linear_cross_entropy(h, w, targets, options=opts).backward()), [w]
-    if name == "apple-cce":
+    if name in ("apple-cce", "apple-cce-compile"):
         from cut_cross_entropy import linear_cross_entropy
 
-        impl = "cce" if h.device.type == "cuda" else "torch_compile"
+        impl = "cce" if h.device.type == "cuda" and name == "apple-cce" else "torch_compile"
         return (lambda: linear_cross_entropy(h, w, targets, impl=impl).backward()), [w]
+    if name == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss()
+        return (lambda: loss(w, h, targets).backward()), [w]
     if name == "torch-adaptive":
         module = nn.AdaptiveLogSoftmaxWithLoss(hidden, vocab, adaptive_cutoffs(vocab), div_value=1.0)
         module.to(h.device, h.dtype)
@@ -208,6 +215,19 @@ def _failure(e: BaseException) -> dict:
     return {"status": "failed", "note": f"{type(e).__name__}: {e}"[:500]}
 
 
+def _peer_unavailable(spec: dict) -> str | None:
+    """Why a peer cannot run here (its package is missing or needs another device), or None."""
+    name = spec["name"]
+    if name.startswith("apple-cce") and importlib.util.find_spec("cut_cross_entropy") is None:
+        return "cut-cross-entropy is not installed"
+    if name == "liger":
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger-kernel is not installed"
+        if spec["device"] != "cuda":
+            return "Liger's kernels need CUDA"
+    return None
+
+
 @app.command("contender", hidden=True)
 def contender_command(spec: str = typer.Argument(..., help="JSON spec from `bench heads`")):
     """Worker: set one contender up, then measure one run per "run" line read from stdin.
@@ -217,8 +237,9 @@ def contender_command(spec: str = typer.Argument(..., help="JSON spec from `benc
     def say(obj):
         print(RESULT_PREFIX + json.dumps(obj), flush=True)
 
-    if spec_["name"] == "apple-cce" and importlib.util.find_spec("cut_cross_entropy") is None:
-        return say({"status": "skipped", "note": "cut-cross-entropy is not installed"})
+    skip = _peer_unavailable(spec_)
+    if skip:
+        return say({"status": "skipped", "note": skip})
     try:
         contender = _Contender(spec_)
     except Exception as e:

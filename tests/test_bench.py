@@ -78,3 +78,18 @@ def test_bench_baseline_runs_each_head_from_another_source_tree(tmp_path):
     assert by_name["softmax@baseline"]["status"] == "failed" and "baseline tree" in by_name["softmax@baseline"]["note"]
     result = CliRunner().invoke(app, ["heads", *TINY, "--baseline", str(tmp_path / "nowhere")])
     assert result.exit_code != 0 and "--baseline" in result.output
+
+
+def test_a_peer_that_cannot_run_here_is_skipped_with_the_reason(monkeypatch):
+    from llmtrain import bench
+
+    installed = {"cut_cross_entropy", "liger_kernel"}
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    unavailable = {(name, device): bench._peer_unavailable({"name": name, "device": device})
+                   for name in bench.PEERS for device in ("cpu", "cuda")}
+    assert unavailable.pop(("liger", "cpu")) == "Liger's kernels need CUDA"
+    assert set(unavailable.values()) == {None}  # everything else runs where its package is installed
+    installed.clear()
+    assert bench._peer_unavailable({"name": "liger", "device": "cuda"}) == "liger-kernel is not installed"
+    for name in ("apple-cce", "apple-cce-compile"):
+        assert bench._peer_unavailable({"name": name, "device": "cuda"}) == "cut-cross-entropy is not installed"
