@@ -384,7 +384,8 @@ class ZLossHead(Head):
             across_ranks = dist.is_available() and dist.is_initialized()
 
         def sums(beta: float) -> torch.Tensor:
-            out = self._calibration_sums(hidden, targets, beta) if hidden.shape[0] else torch.zeros(4, dtype=torch.float64)
+            out = self._calibration_sums(hidden, targets, beta) if hidden.shape[0] \
+                else torch.zeros(4, dtype=torch.float64, device=hidden.device)
             if across_ranks:
                 dist.all_reduce(out)
             return out

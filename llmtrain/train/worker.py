@@ -106,10 +106,17 @@ class StopFlag:
         self.signal_name = signal.Signals(signum).name
 
 
-def agree(stop: bool, bad: bool) -> tuple[bool, bool]:
+def reduced(values: torch.Tensor, device: torch.device, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce of small host values through the ranks' device, returned on the host: NCCL (the
+    backend on CUDA) reduces device tensors only; gloo takes them where they are."""
+    out = values.to(device)
+    dist.all_reduce(out, op=op)
+    return out.cpu()
+
+
+def agree(stop: bool, bad: bool, device: torch.device) -> tuple[bool, bool]:
     """One collective per step: has any rank been asked to stop, has any seen a non-finite value."""
-    flags = torch.tensor([float(stop), float(bad)])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    flags = reduced(torch.tensor([float(stop), float(bad)]), device, dist.ReduceOp.MAX)
     return bool(flags[0].item()), bool(flags[1].item())
 
 
@@ -185,9 +192,7 @@ class Worker:
         ranks that share a CPU then share its rate, as they do while training."""
         dist.barrier()
         rate, source = peak_flops(self.device, self.recipe.train.precision)
-        total = torch.tensor([rate], dtype=torch.float64)
-        dist.all_reduce(total)
-        return total.item(), source
+        return reduced(torch.tensor([rate], dtype=torch.float64), self.device).item(), source
 
     def _add_temperature(self, model: LanguageModel, resume: Path | None) -> None:
         """Attach the network after the body and head are initialized, so they get the same
@@ -278,9 +283,7 @@ class Worker:
         else:
             local = [p.data for p in params[self.rank::self.world]]
         ok = all(bool(torch.isfinite(t).all()) for t in local if t.numel())
-        flag = torch.tensor([float(ok)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return bool(reduced(torch.tensor([float(ok)]), self.device, dist.ReduceOp.MIN).item())
 
     def _warn_if_no_room(self, ckpt_dir: Path, tag: str) -> None:
         done = complete_checkpoints(ckpt_dir)
@@ -386,14 +389,14 @@ class Worker:
             sums[2] += targets.numel()
             sums[3:] += torch.stack([hits[:, k - 1].sum() for k in (1, 5, 10)]).double().cpu()
         model.train()
-        dist.all_reduce(sums)
+        sums = reduced(sums, self.device)
         nll, nbytes, ntok = sums[0].item(), sums[1].item(), sums[2].item()
         out = {f"val_top{k}": sums[3 + i].item() / ntok for i, k in enumerate((1, 5, 10))}
         if head.is_distribution:
             out.update(val_loss=nll / ntok, val_ppl=math.exp(min(nll / ntok, 700)), val_bpb=nll / (math.log(2) * nbytes))
         if tempered:
-            dist.all_reduce(tau_sums)
-            dist.all_reduce(tau_range, op=dist.ReduceOp.MIN)
+            tau_sums = reduced(tau_sums, self.device)
+            tau_range = reduced(tau_range, self.device, dist.ReduceOp.MIN)
             tempered_nll = tau_sums[1].item() / ntok
             out.update(val_tau_mean=tau_sums[0].item() / ntok, val_tau_min=tau_range[0].item(),
                        val_tau_max=-tau_range[1].item(), val_loss_tau=tempered_nll,
@@ -429,7 +432,7 @@ class Worker:
                 self.tokens_seen += global_tokens
                 window_tokens += global_tokens
                 self.heartbeat.beat()
-                stopping, bad = agree(self.stop.signal_name is not None, problem is not None)
+                stopping, bad = agree(self.stop.signal_name is not None, problem is not None, self.device)
                 diverged = None
                 if bad:  # every rank takes this branch: the flag was agreed
                     problem = problem or "non-finite values on another rank"
@@ -446,7 +449,7 @@ class Worker:
                     skipped_in_a_row = 0
                     self._confirm_checkpoints()
                 if self.step % r.train.log_every == 0 or self.step == end or stopping or bad:
-                    dist.all_reduce(loss)
+                    loss = reduced(loss, self.device)
                     tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                     record = {"step": self.step, "loss": loss.item() / self.world, "lr": lr_at(self.step - 1, r.train),
                               "tokens_seen": self.tokens_seen, "train_s": round(self.train_seconds, 3),
@@ -557,15 +560,12 @@ class Worker:
                 value, op = values.max(), dist.ReduceOp.MAX
             else:
                 value, op = values.mean() / self.world, dist.ReduceOp.SUM
-            dist.all_reduce(value, op=op)
-            out[key] = value.item()
+            out[key] = reduced(value, self.device, op).item()
         return out
 
     def _peak_memory(self) -> int:
         """Largest per-rank peak since the last record."""
-        peak = torch.tensor([float(peak_bytes(reset=True))])
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return int(peak.item())
+        return int(reduced(torch.tensor([float(peak_bytes(reset=True))]), self.device, dist.ReduceOp.MAX).item())
 
     def _report(self, reason: str, saved: Path | None) -> None:
         write_status(self.run_dir, "complete" if reason == "complete" else "stopped", reason=reason, step=self.step,
