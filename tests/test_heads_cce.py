@@ -4,6 +4,7 @@ Tolerance in the style of Apple's cut-cross-entropy tests: our error against the
 may exceed eager's own error in the same dtype by at most `tol`, scaled by the size of the
 values where they exceed 1 (a sum over tokens of fp32 losses carries fp32's relative rounding)."""
 
+import dataclasses
 
 import pytest
 import torch
@@ -90,11 +91,27 @@ def test_loss_and_grads_match_float64(dtype_name, reduction, opts):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("opts", [{}, OPTION_SETS[-1]], ids=["plain", "all-options"])
-def test_bf16_gradients_summed_over_vocabulary_blocks(monkeypatch, reduction, opts):
-    """The 16-bit second pass sums dW block by block and dh across blocks: several blocks, the last
-    one partial (203 = 3 × 64 + 11), with chunked tokens."""
-    monkeypatch.setattr(cce, "ACCUMULATE_BLOCK", 64)
+@pytest.mark.parametrize("budget", [None, 0], ids=["one-pass", "two-passes"])
+def test_bf16_gradients_summed_over_vocabulary_blocks(monkeypatch, reduction, opts, budget):
+    """16-bit dW is summed block by block (and, in the second pass, dh across blocks, each block
+    holding the targets of only some tokens): several blocks, the last one partial
+    (203 = 3 × 64 + 11), with chunked tokens."""
+    monkeypatch.setattr(cce, "CPU_BLOCKING", dataclasses.replace(cce.CPU_BLOCKING, accumulate_rows=64))
+    if budget is not None:
+        monkeypatch.setattr(cce, "FP32_ACCUMULATOR_BUDGET", budget)
     check_against_float64(37, 203, 16, "bf16", reduction, opts, chunk_size=8)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("budget", [None, 0], ids=["one-pass", "two-passes"])
+def test_gpu_blocking_is_exact_too(monkeypatch, dtype_name, budget):
+    """A GPU's blocking (whole chunks through fp32 at once, one dW block for the whole vocabulary
+    here) is the same math: run on this CPU with CUDA_BLOCKING in place of CPU_BLOCKING."""
+    assert cce.blocking("cuda") is cce.CUDA_BLOCKING and cce.blocking("cpu") is cce.CPU_BLOCKING
+    monkeypatch.setattr(cce, "CPU_BLOCKING", cce.CUDA_BLOCKING)
+    if budget is not None:
+        monkeypatch.setattr(cce, "FP32_ACCUMULATOR_BUDGET", budget)
+    check_against_float64(37, 203, 16, dtype_name, "mean", OPTION_SETS[-1], chunk_size=None)
 
 
 @pytest.mark.parametrize("n,vocab,chunk", [(1, 2, None), (8, 64, 8), (50, 333, 7), (64, 1000, None), (5, 50, 100)])
@@ -401,7 +418,7 @@ def test_filter_eps_drops_every_term_of_a_skipped_block_on_every_path(monkeypatc
     and the bias's share) is left out; the loss stays exact. Checked against that definition in
     float64, with label smoothing, z-loss and a bias on."""
     monkeypatch.setattr(cce, "FILTER_BLOCK", 8)
-    monkeypatch.setattr(cce, "ACCUMULATE_BLOCK", 16)
+    monkeypatch.setattr(cce, "CPU_BLOCKING", dataclasses.replace(cce.CPU_BLOCKING, accumulate_rows=16))
     if path == "two-passes":
         monkeypatch.setattr(cce, "FP32_ACCUMULATOR_BUDGET", 0)
     n, vocab, dim, chunk, eps, smoothing, z = 30, 64, 8, 6, 1e-3, 0.3, 1e-2

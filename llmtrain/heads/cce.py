@@ -29,9 +29,14 @@ each chunk of kept tokens and each FILTER_BLOCK-wide block of the vocabulary who
 are all below eps and which holds none of the chunk's targets, the block's whole share of the
 gradients — probability, z-loss, label-smoothing and softcap terms, and the bias's — is left out.
 The loss is exact.
+
+How the passes cut their work (tile, fp32 row blocks, dW blocks) depends on the device: see
+Blocking.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,15 +46,25 @@ from llmtrain.heads.base import IGNORE_INDEX, HeadOutput, check_head_inputs, dty
 from llmtrain.heads.softmax import SoftmaxHead, SoftmaxOptions
 from llmtrain.heads.temperature import dro_shift, tau_metrics
 
-# Bytes of the logit tile per chunk when chunk_size is automatic: big enough for full-speed
-# matmuls (at V = 65,536: 256 tokens in fp32, within 3% of 384 and 512 on this CPU, BENCHMARKS;
-# 512 in bf16), small next to eager's N × V logits.
-TILE_BUDGET = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """How the chunked passes cut their work. A CPU wants cache-sized blocks; a GPU pays a few
+    microseconds for each kernel launch, so it wants few large ones (on an H200 at Gemma 2 2B's
+    shape, bf16: 158 ms a step with CUDA_BLOCKING against 1,070 ms with CPU_BLOCKING; BENCHMARKS)."""
+
+    tile_bytes: int  # the logit tile per chunk when chunk_size is automatic
+    row_block_bytes: int  # 16-bit inputs: rows of the tile taken through the fp32 softmax at a time
+    accumulate_rows: int  # 16-bit gradients: vocabulary rows per block of dW summed in fp32
+
+
+# CPU: a 64 MiB tile is big enough for full-speed matmuls (at V = 65,536: 256 tokens in fp32,
+# within 3% of 384 and 512 on a 2-core CPU, BENCHMARKS) and small next to eager's N × V logits;
+# fp32 row blocks of 16 MiB stay in cache.
+CPU_BLOCKING = Blocking(tile_bytes=64 * 2**20, row_block_bytes=16 * 2**20, accumulate_rows=8192)
+CUDA_BLOCKING = Blocking(tile_bytes=256 * 2**20, row_block_bytes=256 * 2**20, accumulate_rows=32768)
 MIN_CHUNK = 16
-# 16-bit inputs: rows of the tile taken through the fp32 softmax at a time (cache-sized).
-ROW_BLOCK_BYTES = 16 * 2**20
-# 16-bit gradients: vocabulary rows per block of dW summed over all tokens in fp32.
-ACCUMULATE_BLOCK = 8192
 # 16-bit inputs: the largest V × D fp32 dW accumulator the one-pass order may hold (three N·V·D
 # products); above it, a second pass recomputes the scores instead (four products, one block).
 # 512 MiB: V·D up to 2**27, e.g. 151,936 × 768 or 65,536 × 2,048.
@@ -58,6 +73,14 @@ FP32_ACCUMULATOR_BUDGET = 512 * 2**20
 FILTER_BLOCK = 1024
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def blocking(device: torch.device | str | None = None) -> Blocking:
+    """The blocking for tensors on ``device``; None: this machine's training device (what
+    ``llmtrain profile`` estimates for)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return CPU_BLOCKING if torch.device(device).type == "cpu" else CUDA_BLOCKING
 
 
 def _low_precision(dtype: torch.dtype) -> bool:
@@ -70,8 +93,9 @@ def _tile_bytes_per_token(vocab: int, dtype: torch.dtype, softcap: float | None)
     return vocab * dtype_bytes(dtype) * (2 if softcap else 1)
 
 
-def auto_chunk_size(vocab: int, dtype: torch.dtype, softcap: float | None) -> int:
-    rows = TILE_BUDGET // _tile_bytes_per_token(vocab, dtype, softcap)
+def auto_chunk_size(vocab: int, dtype: torch.dtype, softcap: float | None,
+                    device: torch.device | str | None = None) -> int:
+    rows = blocking(device).tile_bytes // _tile_bytes_per_token(vocab, dtype, softcap)
     return max(MIN_CHUNK, rows // MIN_CHUNK * MIN_CHUNK)
 
 
@@ -269,7 +293,8 @@ def _low_precision_one_pass(h, weight, bias, targets, rows, token_weight, losses
     vocab, dtype, dev = weight.shape[0], h.dtype, h.device
     f32 = {"dtype": torch.float32, "device": dev}
     tile_buf = torch.empty(rows * vocab, dtype=dtype, device=dev)
-    block_rows = max(1, min(rows, ROW_BLOCK_BYTES // (4 * vocab)))
+    sizes = blocking(dev)
+    block_rows = max(1, min(rows, sizes.row_block_bytes // (4 * vocab)))
     work_buf = torch.empty(block_rows * vocab, **f32)
     tanh_buf = torch.empty(block_rows * vocab, **f32) if softcap else None
     grads = token_weight is not None
@@ -278,7 +303,7 @@ def _low_precision_one_pass(h, weight, bias, targets, rows, token_weight, losses
         dw_acc = torch.zeros(weight.shape, **f32) if need[1] else None
         db_acc = torch.zeros(vocab, **f32) if bias is not None and need[2] else None
         db_chunk = torch.empty(vocab, **f32) if db_acc is not None else None
-        block = min(vocab, ACCUMULATE_BLOCK)
+        block = min(vocab, sizes.accumulate_rows)
         product_buf = torch.empty(block, h.shape[1], dtype=dtype, device=dev) if dw_acc is not None else None
         n_blocks = -(-vocab // FILTER_BLOCK)
         block_max = torch.empty(n_blocks, **f32) if filter_eps is not None else None
@@ -342,7 +367,7 @@ def _low_precision_one_pass(h, weight, bias, targets, rows, token_weight, losses
         for lo, hi in spans:
             if db_acc is not None:
                 db_acc[lo:hi] += db_chunk[lo:hi]
-            if dw_acc is not None:  # 16-bit products of ACCUMULATE_BLOCK rows, each added to fp32
+            if dw_acc is not None:  # 16-bit products of accumulate_rows rows, each added to fp32
                 for a in range(lo, hi, block):
                     b = min(a + block, hi)
                     dw_acc[a:b] += torch.mm(tile[:, a:b].T, hc, out=product_buf[:b - a])
@@ -376,7 +401,7 @@ def _low_precision_two_passes(h, weight, bias, targets, rows, token_weight, loss
 
 def _low_precision_grads(h, weight, bias, targets, rows, token_weight, lses, *, softcap, label_smoothing, z_loss,
                          filter_eps, need):
-    """Pass 2: for each block of ACCUMULATE_BLOCK vocabulary rows and each chunk of ``rows`` tokens, the
+    """Pass 2: for each block of `accumulate_rows` vocabulary rows and each chunk of ``rows`` tokens, the
     scores are recomputed (16-bit matmul), turned into exact gradient rows in fp32
     (row·exp(s − lse) − smooth − onehot, times 1 − tanh² under softcap) and cast to 16 bits
     for the two gradient matmuls, whose products are summed in fp32: dh over the vocabulary blocks,
@@ -385,7 +410,7 @@ def _low_precision_grads(h, weight, bias, targets, rows, token_weight, lses, *, 
     vocab, dtype, dev = weight.shape[0], h.dtype, h.device
     f32 = {"dtype": torch.float32, "device": dev}
     row, onehot, smooth = _grad_scales(token_weight, lses.double(), label_smoothing, z_loss, vocab, torch.float32)
-    block = min(vocab, ACCUMULATE_BLOCK)
+    block = min(vocab, blocking(dev).accumulate_rows)
     s_buf = torch.empty(rows * block, dtype=dtype, device=dev)
     g_buf = torch.empty(rows * block, **f32)
     tanh_buf = torch.empty(rows * block, **f32) if softcap else None
@@ -411,12 +436,15 @@ def _low_precision_grads(h, weight, bias, targets, rows, token_weight, lses, *, 
                 _softcap_(g, _buffer_view(tanh_buf, m, width), softcap)
             g.sub_(lses[start:start + m].unsqueeze(1)).exp_()  # the probabilities
             local = tc - lo
-            inside = ((local >= 0) & (local < width)).nonzero().squeeze(1)
+            inside = (local >= 0) & (local < width)
             spans = [(0, width)] if filter_eps is None else _filtered_spans(g, local[inside], filter_eps)
             g.mul_(row[start:start + m].unsqueeze(1))
             if label_smoothing:
                 g.sub_(smooth[start:start + m].unsqueeze(1))
-            g.index_put_((inside, local[inside]), -onehot[start:start + m][inside], accumulate=True)
+            # without a host sync (a GPU would wait on each): a token whose target lies outside
+            # the block adds 0 at column 0
+            g.scatter_add_(1, torch.where(inside, local, 0).unsqueeze(1),
+                           torch.where(inside, -onehot[start:start + m], 0).unsqueeze(1).to(g.dtype))
             if softcap:
                 g.mul_(_buffer_view(tanh_buf, m, width).square_().neg_().add_(1))
             gl = s.copy_(g)  # the 16-bit operand of the gradient matmuls
@@ -555,7 +583,7 @@ def linear_cross_entropy_with_lse(hidden, weight, targets, *, bias=None, ignore_
     lead = targets.shape
     hidden2, targets1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
     if chunk_size is None:
-        chunk_size = auto_chunk_size(weight.shape[0], hidden.dtype, softcap)
+        chunk_size = auto_chunk_size(weight.shape[0], hidden.dtype, softcap, hidden.device)
     opts = {"ignore_index": ignore_index, "reduction": reduction, "softcap": softcap,
             "label_smoothing": float(label_smoothing), "z_loss": float(z_loss), "chunk_size": chunk_size,
             "filter_eps": filter_eps}
@@ -577,8 +605,9 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=IGN
     16-bit matmuls as in eager, with the softmax and the weight-gradient accumulation in fp32.
     targets [...] int64, ``ignore_index`` marks tokens that do not count (dropped before any
     matmul). ``reduction`` is "mean" over non-ignored tokens, "sum", or "none" (per token, 0 where
-    ignored). ``chunk_size`` tokens per tile (default: a ~64 MiB tile). ``filter_eps`` (opt-in,
-    inexact) skips vocabulary blocks of the gradient whose probabilities are all below it.
+    ignored). ``chunk_size`` tokens per tile (default: a ~64 MiB tile on CPU, 256 MiB on a GPU).
+    ``filter_eps`` (opt-in, inexact) skips vocabulary blocks of the gradient whose probabilities are
+    all below it.
     """
     return linear_cross_entropy_with_lse(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
@@ -631,14 +660,15 @@ def weighted_linear_cross_entropy(hidden, weight, targets, token_weight, *, igno
     if token_weight.shape != targets.shape:
         raise ValueError(f"token_weight must have shape {list(targets.shape)}, got {list(token_weight.shape)}")
     if chunk_size is None:
-        chunk_size = auto_chunk_size(weight.shape[0], hidden.dtype, None)
+        chunk_size = auto_chunk_size(weight.shape[0], hidden.dtype, None, hidden.device)
     want_grads = torch.is_grad_enabled() and any(x.requires_grad for x in (hidden, weight, token_weight))
     return _WeightedLinearCrossEntropy.apply(hidden, weight, token_weight, targets.long(), ignore_index,
                                              chunk_size, want_grads)
 
 
 class CCEOptions(SoftmaxOptions):
-    chunk_size: int | None = Field(None, ge=1, description="tokens per logit tile (default: a ~64 MiB tile)")
+    chunk_size: int | None = Field(
+        None, ge=1, description="tokens per logit tile (default: a ~64 MiB tile on CPU, 256 MiB on a GPU)")
     filter_eps: float | None = Field(
         None, gt=0, lt=1, description="skip gradient blocks whose probabilities are all below this (inexact)")
 
@@ -689,7 +719,7 @@ class CCEHead(SoftmaxHead):
 
     def _score_chunks(self, hidden: torch.Tensor):
         """(start, [chunk, V] fp32 soft-capped scores): evaluation never holds N × V scores."""
-        rows = auto_chunk_size(self.vocab_size, torch.float32, None)  # fp32 [rows, V] scores: ~64 MiB
+        rows = auto_chunk_size(self.vocab_size, torch.float32, None, hidden.device)  # fp32 [rows, V] scores: one tile
         for start in range(0, hidden.shape[0], rows):
             yield start, _eval_scores(hidden[start:start + rows], self.weight, self.bias, self.options.softcap)
 
@@ -709,6 +739,7 @@ class CCEHead(SoftmaxHead):
     def transient_bytes(cls, options, n_tokens, hidden_size, vocab_size, dtype):
         # Batches with ignored tokens add a copy of the kept hidden states (n·D in the input
         # dtype); packed training data has none, and neither has the profiler's measurement.
+        sizes = blocking()
         rows = min(n_tokens, options.chunk_size or auto_chunk_size(vocab_size, dtype, options.softcap))
         tile = rows * _tile_bytes_per_token(vocab_size, dtype, options.softcap)
         hidden_grad = n_tokens * hidden_size * dtype_bytes(dtype)
@@ -717,18 +748,19 @@ class CCEHead(SoftmaxHead):
             # temporaries (its dh, the row-scaled hidden states, the target rows of W and their product)
             return tile + hidden_grad + 4 * rows * hidden_size * dtype_bytes(dtype)
         b = dtype_bytes(dtype)
-        work = (2 if options.softcap else 1) * max(ROW_BLOCK_BYTES, 4 * vocab_size)  # fp32 row blocks
+        block_rows = max(1, min(rows, sizes.row_block_bytes // (4 * vocab_size)))
+        work = (2 if options.softcap else 1) * block_rows * 4 * vocab_size  # fp32 row blocks
         if fp32_accumulator_fits(vocab_size, hidden_size):
             # one pass: the 16-bit tile, its fp32 row blocks, the fp32 dW accumulator and a block
             # of 16-bit products beside dh; at the end the accumulator and the 16-bit dW coexist
             # (the dW the profiler adds back).
-            return tile + work + 4 * vocab_size * hidden_size + min(vocab_size, ACCUMULATE_BLOCK) * hidden_size * b \
+            return tile + work + 4 * vocab_size * hidden_size + min(vocab_size, sizes.accumulate_rows) * hidden_size * b \
                 + hidden_grad
         # pass 1 (losses) runs before any gradient exists; pass 2 sums dh in fp32 beside one
         # [rows, block] tile in 16 and 32 bits, one fp32 block of dW and the 16-bit product added
         # to it; then dh is cast.
         pass1 = tile + work - vocab_size * hidden_size * b
-        block = min(vocab_size, ACCUMULATE_BLOCK)
+        block = min(vocab_size, sizes.accumulate_rows)
         pass2 = rows * block * (b + 4 * (2 if options.softcap else 1)) + block * hidden_size * (4 + b)
         dh32 = n_tokens * hidden_size * 4
         return max(pass1, pass2 + dh32, dh32 + hidden_grad)
