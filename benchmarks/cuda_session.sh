@@ -8,8 +8,11 @@
 # The machine reaches no package index: packages its image lacks travel as wheels in .whl/
 # (pydantic, hjson, cut-cross-entropy, liger-kernel), DeepSpeed as its installed package in
 # .whl/ds/ (it ships no wheel). BASELINE, if set, is another llmtrain tree whose heads run beside
-# this one's in the bench (`--baseline`).
+# this one's in the bench (`--baseline`). STAGES picks stages (default: all, in this order; they
+# took 45 s (cut), 163, 85, 2 × 70 and >70 s (cut) on an H200, after ~60 s of machine start).
 set -u
+STAGES=${STAGES:-"exactness gemma target train fp32"}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 OUT=${OUT:-cuda-out}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
@@ -31,16 +34,19 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', 
 BENCH=(python3 -m llmtrain.cli bench heads --device cuda --repeats 5 --timeout 100)
 [ -n "${BASELINE:-}" ] && BENCH+=(--baseline "$BASELINE")
 
-say "exactness"
-stage 45 python3 benchmarks/cuda_exactness.py --shapes 1000x50000x256 4096x131072x1024
-say "heads, Gemma 2 2B shape, bf16"
+if want exactness; then say "exactness"
+stage 60 python3 benchmarks/cuda_exactness.py --shapes 1000x50000x256 4096x131072x1024
+fi
+if want gemma; then say "heads, Gemma 2 2B shape, bf16"
 stage 170 "${BENCH[@]}" --tokens 8192 --vocab 256000 --hidden 2304 --dtype bf16 --heads cce,hsm \
   --peers torch-eager,apple-cce,liger,torch-linear-ce --json "$OUT/heads-gemma-bf16.json"
-say "heads, issue 8 shape, bf16"
+fi
+if want target; then say "heads, issue 8 shape, bf16"
 stage 100 "${BENCH[@]}" --tokens 4096 --vocab 65536 --hidden 512 --dtype bf16 --heads cce \
   --peers torch-eager,apple-cce,apple-cce-compile,liger,torch-linear-ce --json "$OUT/heads-target-bf16.json"
+fi
 
-say "trainer: a Qwen2 body (8 × 512, vocabulary 32,768) from a config-only folder, bf16, 1 GPU"
+if want train; then say "trainer: a Qwen2 body (8 × 512, vocabulary 32,768) from a config-only folder, bf16, 1 GPU"
 python3 - <<'EOF'
 from transformers import Qwen2Config
 Qwen2Config(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
@@ -63,8 +69,10 @@ for head in softmax cce; do
   stage 85 python3 -m llmtrain.cli run /tmp/cuda-qwen2.yaml head.type=$head --out /tmp/cuda-run-$head
   cp /tmp/cuda-run-$head/metrics.jsonl "$OUT/train-$head.jsonl" 2>/dev/null
 done
+fi
 
-say "heads, issue 8 shape, fp32"
-stage 70 "${BENCH[@]}" --tokens 4096 --vocab 65536 --hidden 512 --dtype fp32 --heads cce \
+if want fp32; then say "heads, issue 8 shape, fp32"
+stage 120 "${BENCH[@]}" --tokens 4096 --vocab 65536 --hidden 512 --dtype fp32 --heads cce \
   --peers torch-eager,apple-cce,apple-cce-compile,liger,torch-linear-ce --json "$OUT/heads-target-fp32.json"
+fi
 say "done"

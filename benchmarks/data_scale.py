@@ -1,8 +1,8 @@
 """Data at scale (issue 14): peak memory of preparation and of one training rank at several corpus
 sizes, and tokenization throughput against the `tokenizers` library's own `encode_batch`.
 
-usage: python benchmarks/data_scale.py [--sizes 30e6 300e6 1500e6] [--rank-tokens 8e6 80e6 400e6]
-                                       [--speed-bytes 100e6] [--repeats 3] [--work /tmp/llmtrain-data-bench]
+usage: python benchmarks/data_scale.py [--sizes 30e6 300e6 1500e6] [--rank-tokens 8e6 80e6 400e6] [--num-proc N]
+                                       [--speed-bytes 100e6] [--repeats 3 (0: memory only)] [--work DIR]
 
 Corpora are the stdlib's .py files repeated under distinct document names, as JSONL files of
 about 64 MB, generated under --work and deleted at the end (unless --keep). Every measurement is
@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=float, default=[30e6, 300e6, 1500e6])
     ap.add_argument("--rank-tokens", nargs="*", type=float, default=[])
     ap.add_argument("--speed-bytes", type=float, default=100e6)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="speed comparisons (0: memory only)")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--train-bytes", type=float, default=4e6)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -208,7 +208,8 @@ def main() -> None:
             print(f"speed repeat {r + 1}: ours {args.speed_bytes / 1e6 / ours['tokenize_s']:.1f} MB/s "
                   f"({ours['tokenize_s']:.1f}s), encode_batch {args.speed_bytes / 1e6 / ref['encode_s']:.1f} MB/s "
                   f"({ref['encode_s']:.1f}s), ours / reference rate {ratios[-1]:.2f}", flush=True)
-        print(f"median rate ratio (ours / encode_batch): {statistics.median(ratios):.2f}")
+        if ratios:  # --repeats 0: memory only
+            print(f"median rate ratio (ours / encode_batch): {statistics.median(ratios):.2f}")
         prepared = [r for r in rows if r[2] is not None]
         print(f"prepare peak, largest - smallest corpus: {(prepared[-1][2] - prepared[0][2]) / 2**20:+,.0f} MiB; "
               f"training rank, largest - smallest: {(rows[-1][3] - rows[0][3]) / 2**20:+,.0f} MiB")
