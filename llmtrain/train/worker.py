@@ -143,6 +143,9 @@ class Worker:
                 raise UserError(f"SLURM_NTASKS={os.environ['WORLD_SIZE']} but the recipe has launch.nodes × "
                                 f"launch.ranks_per_node = {r.world_size}; submit with matching --nodes and "
                                 "--ntasks-per-node (llmtrain launch slurm writes both)")
+        # Each rank on its own GPU before the first collective: NCCL binds its communicator to the
+        # current device and otherwise guesses it from the global rank (seen warning on an H200).
+        deepspeed.get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
         # A collective that waits longer than this raises instead of blocking for ever.
         deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=r.launch.timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
