@@ -21,21 +21,28 @@ def checkout_env() -> dict:
     return {**os.environ, "PYTHONPATH": pythonpath, "DS_ACCELERATOR": "cpu"}
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    """recipes/tiny.yaml shrunk for end-to-end tests: 2 layers, d_model 32, vocabulary 512,
-    MICRO_STEPS steps on ~200 KB of the standard library, with a data cache per test module."""
-    base = tmp_path_factory.mktemp("e2e")
-    body = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+def shrink_recipe(path: Path, cache_dir: Path) -> Path:
+    """Rewrite the recipe at `path` (recipes/tiny.yaml or a copy of it) shrunk for end-to-end
+    tests: 2 layers, d_model 32, vocabulary 512, MICRO_STEPS steps on ~200 KB of the standard
+    library, logged every step, with its data cache in `cache_dir`."""
+    body = yaml.safe_load(path.read_text())
     body["model"].update(layers=2, d_model=32, n_heads=2, seq_len=32)
-    body["data"].update(max_bytes=200_000, cache_dir=str(base / "cache"))
+    body["data"].update(max_bytes=200_000, cache_dir=str(cache_dir))
     body["tokenizer"].update(vocab_size=512, train_bytes=100_000)
     body["train"].update(steps=MICRO_STEPS, micro_batch=2, warmup_steps=2, log_every=1, lr=1e-2)
     body["checkpoint"].update(every=4, keep_last=3)
     body["eval"].update(every=4, batches=2)
-    path = base / "micro.yaml"
     path.write_text(yaml.safe_dump(body))
     return path
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """recipes/tiny.yaml shrunk (shrink_recipe), with a data cache per test module."""
+    base = tmp_path_factory.mktemp("e2e")
+    path = base / "micro.yaml"
+    path.write_text((ROOT / "recipes" / "tiny.yaml").read_text())
+    return shrink_recipe(path, base / "cache")
 
 
 def llmtrain(*args, timeout=300, check=True, env=None) -> subprocess.CompletedProcess:
