@@ -4,15 +4,10 @@ same command (the finished variant skipped and untouched, the stopped one resume
 example's, pasted in order: test_cli_examples.stop_then_continue."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import ROOT, checkout_env, llmtrain, records
+from conftest import llmtrain
 from llmtrain.errors import UserError
 from llmtrain.report.study import equal_time_steps, parse_study_args
 
