@@ -9,10 +9,12 @@ evaluation.
 Cells: each code path once, not the whole product (heads × ZeRO stages × options):
 
   cell      head     ZeRO   also                           why
-  zero0     softmax  0      tied embeddings, grad_accum 2  ZeRO-0 (whole weights, our own non-finite
-                                                           check), the tied weight saved and exported
+  zero0     softmax  0      tied embeddings, grad_accum 2, ZeRO-0 (whole weights, our own non-finite
+                           shards of 1,024 tokens          check), the tied weight saved and exported
                                                            once into a Llama folder; val_loss, val_bpb,
-                                                           val_top* against transformers on the export
+                                                           val_top* against transformers on the export;
+                                                           2 ranks reading blocks across many small
+                                                           shards, stopped and resumed exactly
   zero1     zloss    1      optimizer offload to CPU       ZeRO-1; DeepSpeed's CPU optimizer; zloss's
                                                            eval branch (top-k only) and its export (no
                                                            Llama equivalent): top-k recomputed from the
@@ -38,6 +40,9 @@ the ranks exist (test_train_e2e); softmax at ZeRO-3, SIGUSR1 under SLURM, 2 → 
 resume on another world size, ZeRO-3 → ZeRO-1/2 refused, export against transformers (test_clusters_e2e); Hugging Face bodies at every stage
 (test_hf_e2e); faults (test_faults_e2e)."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -51,7 +56,8 @@ pytestmark = pytest.mark.slow
 STEPS = 4
 SHORT = [f"train.steps={STEPS}", "eval.every=2", "checkpoint.every=2", "data.val_fraction=0.2"]  # 8 validation blocks
 CELLS = {
-    "zero0": ["deepspeed.zero_stage=0", "head.type=softmax", "model.tie_embeddings=true", "train.grad_accum=2"],
+    "zero0": ["deepspeed.zero_stage=0", "head.type=softmax", "model.tie_embeddings=true", "train.grad_accum=2",
+              "data.shard_tokens=1024"],  # the smallest shard a recipe allows: the corpus spans many
     "zero1": ["deepspeed.zero_stage=1", "head.type=zloss", "deepspeed.offload_optimizer=cpu"],
     "zero3": ["deepspeed.zero_stage=3", "head.type=hsm", "train.precision=bf16"],
 }
@@ -97,6 +103,8 @@ def test_cell_trains_resumes_exactly_and_exports(recipe, tmp_path, cell):
     with torch.no_grad():
         hidden = model.body(blocks[:, :-1]).flatten(0, 1)
     if cell == "zero0":
+        data = json.loads((run / "data.json").read_text())
+        assert len(list(Path(data["train_path"]).glob("*.bin"))) > 10
         assert (tmp_path / "export" / "hf").is_dir()
         theirs = independent_validation_metrics(run, tmp_path / "export" / "hf")
         for key in ("val_loss", "val_bpb"):
