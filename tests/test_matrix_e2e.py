@@ -26,11 +26,13 @@ Cells: each code path once, not the whole product (heads × ZeRO stages × optio
                                                            ZeRO-3 release every weight after use: the
                                                            probe sees them released (the merge took
                                                            effect) and each recomputation gather again
-  torchrun  cce      1 → 2  the torchrun launcher          cce; torchrun; a resume that changes the ZeRO
-                                                           stage (a universal checkpoint), held to the
-                                                           uninterrupted ZeRO-2 run to 1e-6; the same
+  torchrun  cce      1 → 2  the torchrun launcher,         cce; torchrun; a resume that changes the ZeRO
+                           filter_eps 1e-4 spelled         stage (a universal checkpoint), held to the
+                           otherwise on resume             uninterrupted ZeRO-2 run to 1e-6; the same
                                                            checkpoint refused at ZeRO-3 (exit 2: DeepSpeed
                                                            0.19.8 cannot load ZeRO-1/2 files at stage 3)
+                                                           and with another filter_eps; equivalent
+                                                           spellings and defaults written out accepted
 
 Activation checkpointing is thus checked at ZeRO 0, 1, 2 (the torchrun cell, to 1e-6; exactly in
 test_train_e2e's SIGTERM/SIGINT/SIGUSR1 resumes) and 3 for our body; Hugging Face bodies in
@@ -128,20 +130,32 @@ def test_cell_trains_resumes_exactly_and_exports(recipe, tmp_path, cell):
         assert logged["val_loss"] == pytest.approx(nll, rel=2e-2)  # trained and evaluated in bf16
 
 
+# cce's filter_eps as the first run spells it, and the same head spelled otherwise with its defaults
+# written out: a resume accepts the second as the same model.
+CCE = ["head.type=cce", "head.filter_eps=1e-4"]
+CCE_SPELLED = ["head.type=cce", "head.filter_eps=1.0E-4", "head.z_loss=0", "head.label_smoothing=0.0e0",
+               "head.bias=false", "head.softcap=~", "head.chunk_size=null"]
+
+
 def test_torchrun_cce_resume_changes_the_zero_stage(recipe, tmp_path):
-    z2, z1 = ["launch.launcher=torchrun", "head.type=cce", "deepspeed.zero_stage=2"], ["head.type=cce",
-                                                                                       "deepspeed.zero_stage=1"]
+    """Stopped at ZeRO-1, refused at ZeRO-3 and with another filter_eps (exit 2, nothing started),
+    resumed under torchrun at ZeRO-2 with the head spelled otherwise (equivalent spellings, defaults
+    written out): the uninterrupted ZeRO-2 run to 1e-6."""
+    z2 = ["launch.launcher=torchrun", "deepspeed.zero_stage=2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    llmtrain("run", recipe, "--out", split, *SHORT, *z1, "--stop-after", 2)
-    refused = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, "head.type=cce",
+    llmtrain("run", recipe, "--out", split, *SHORT, *CCE, "deepspeed.zero_stage=1", "--stop-after", 2)
+    refused = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, *CCE,
                        "deepspeed.zero_stage=3", check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "ZeRO-1 checkpoint with deepspeed.zero_stage=3" in refused.stderr
+    other = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, "head.type=cce", "head.filter_eps=2e-4",
+                     *z2, check=False)
+    assert other.returncode == 2 and "filter_eps" in other.stderr and "Traceback" not in other.stderr
     assert not (split / "checkpoints" / "universal").exists() and len(records(split)) == 2
-    llmtrain("run", recipe, "--out", straight, *SHORT, *z2)
+    llmtrain("run", recipe, "--out", straight, *SHORT, *CCE, *z2)
     segment = metrics_lines(split)
     probe = tmp_path / "probe"
-    resumed = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, *z2, CHECKPOINTING,
+    resumed = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, *CCE_SPELLED, *z2, CHECKPOINTING,
                        env=recompute_probe(probe))
     assert "universal checkpoint" in resumed.stderr
     assert assert_resumed_exactly(split, straight, segment, resumed.stderr, rel=1e-6) == 2
