@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -88,6 +89,17 @@ def metrics_lines(run: Path) -> list[str]:
     path = run / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return lines if not lines or lines[-1].endswith("}") else lines[:-1]
+
+
+def stopped_copy(run: Path, to: Path, step: int) -> list[str]:
+    """Copy the finished `run` to `to` as it would be had it stopped after `step`: its checkpoints
+    after `step` removed, so that the one of `step` (a save like any other) is the newest. Returns
+    the first segment, the metrics lines up to `step`, for assert_resumed_exactly."""
+    shutil.copytree(run, to)
+    for folder in (to / "checkpoints").glob("step*"):
+        if int(folder.name.removeprefix("step")) > step:
+            shutil.rmtree(folder)
+    return [line for line in metrics_lines(to) if json.loads(line)["step"] <= step]
 
 
 def logged(run: Path) -> dict:

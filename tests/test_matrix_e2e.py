@@ -1,6 +1,7 @@
-"""The end-to-end matrix through the real CLI, 2 ranks on CPU. Each cell is trained twice: once
-uninterrupted, and once stopped by --stop-after 2 then resumed with --resume auto on the same
-ranks with activation checkpointing switched on; the resumed run's every logged quantity equals the
+"""The end-to-end matrix through the real CLI, 2 ranks on CPU. Each cell is trained uninterrupted
+(a checkpoint every 2 steps), then a copy of its run as stopped after step 2 is resumed with
+--resume auto on the same ranks with activation checkpointing switched on (the torchrun cell:
+stopped by --stop-after 2 at another stage); the resumed run's every logged quantity equals the
 uninterrupted run's (conftest.assert_resumed_exactly: checkpointing changes no loss, and a run may
 resume with it switched), and the probe (tests/recompute_probe) saw every block recomputed in each
 resumed step's backward; then the cell is exported and the export checked against the logged
@@ -51,7 +52,7 @@ import yaml
 
 from conftest import (CHECKPOINTING, RELEASE_WEIGHTS, assert_recomputed, assert_resumed_exactly, by_step,
                       independent_validation_metrics, llmtrain, metrics_lines, recompute_probe, records,
-                      top_k_tolerance, validation_blocks)
+                      stopped_copy, top_k_tolerance, validation_blocks)
 
 pytestmark = pytest.mark.slow
 
@@ -65,15 +66,15 @@ CELLS = {
 }
 
 
-def train_and_resume(recipe, tmp_path, straight_args, first_args, resumed_args, rel=0.0):
-    """The uninterrupted run, and the run stopped after 2 steps and resumed with activation
-    checkpointing on: equal, and every block recomputed in the resumed steps."""
+def train_and_resume(recipe, tmp_path, args, rel=0.0):
+    """The uninterrupted run (checkpoints at steps 2 and 4), and its copy as stopped after step 2
+    (conftest.stopped_copy) resumed with activation checkpointing on: equal, and every block
+    recomputed in the resumed steps."""
     straight, split, probe = tmp_path / "straight", tmp_path / "split", tmp_path / "probe"
-    llmtrain("run", recipe, "--out", straight, *SHORT, *straight_args)
-    llmtrain("run", recipe, "--out", split, *SHORT, *first_args, "--stop-after", 2)
-    segment = metrics_lines(split)
-    released = "deepspeed.zero_stage=3" in resumed_args
-    resumed = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, *resumed_args, CHECKPOINTING,
+    llmtrain("run", recipe, "--out", straight, *SHORT, *args)
+    segment = stopped_copy(straight, split, 2)
+    released = "deepspeed.zero_stage=3" in args
+    resumed = llmtrain("run", recipe, "--out", split, "--resume", "auto", *SHORT, *args, CHECKPOINTING,
                        *(RELEASE_WEIGHTS if released else []), env=recompute_probe(probe))
     assert assert_resumed_exactly(split, straight, segment, resumed.stderr, rel=rel) == 2
     assert sorted(by_step(split)) == list(range(1, STEPS + 1)) and by_step(split)[STEPS] < by_step(split)[1]
@@ -96,7 +97,7 @@ def exported_model(run, out):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_cell_trains_resumes_exactly_and_exports(recipe, tmp_path, cell):
-    run = train_and_resume(recipe, tmp_path, CELLS[cell], CELLS[cell], CELLS[cell])
+    run = train_and_resume(recipe, tmp_path, CELLS[cell])
     model = exported_model(run, tmp_path / "export")
     logged = records(run, "val_top1")[-1]
     assert logged["step"] == STEPS
