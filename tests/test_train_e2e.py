@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import (CHECKPOINTING, ROOT, assert_recomputed, assert_resumed_exactly, checkout_env, llmtrain,
-                      metrics_lines, recompute_probe, records)
+                      metrics_lines, recompute_probe, records, stopped_copy)
 
 pytestmark = pytest.mark.slow
 
@@ -199,9 +199,9 @@ def test_stop_signals_save_then_resume_auto_continues_exactly(recipe, straight, 
     assert_recomputed(run, probe, 8 - stopped)
 
 
-def test_resume_refuses_a_different_model(recipe, tmp_path):
+def test_resume_refuses_a_different_model(recipe, straight, tmp_path):
     run = tmp_path / "base"
-    llmtrain("run", recipe, "--out", run, "--stop-after", 1)
+    stopped_copy(straight, run, 4)
     proc = llmtrain("run", recipe, "--out", run, "--resume", "auto", "model.layers=3", check=False)
     assert proc.returncode == 2
     assert "cannot resume" in proc.stderr and "layers=2 where the recipe has 3" in proc.stderr
