@@ -170,15 +170,18 @@ def stop_when_past(recipe, run: Path, step: int, sig: signal.Signals, *args, env
     return output
 
 
-def test_stop_signals_save_then_resume_auto_continues_exactly(recipe, straight, tmp_path):
-    """One run stopped three times: by SIGTERM, SIGINT and SIGUSR1 (what SLURM sends before a
-    job's time limit, --signal=USR1@...; outside SLURM it means the same: stop and save,
+# Two stops in one run of 8 steps leave room for the second signal to land before the end (each
+# lands a step or two after it is sent); SIGUSR1 stops a run of its own.
+@pytest.mark.parametrize("signals", [(signal.SIGTERM, signal.SIGINT), (signal.SIGUSR1,)], ids=["TERM-INT", "USR1"])
+def test_stop_signals_save_then_resume_auto_continues_exactly(recipe, straight, tmp_path, signals):
+    """A run stopped by each of `signals` in turn: SIGTERM, SIGINT, and SIGUSR1 (what SLURM sends
+    before a job's time limit, --signal=USR1@...; outside SLURM it means the same: stop and save,
     resumable), each sent to the CLI as soon as a step after the last stop is logged. Each time
     the ranks finish their step, save and exit 0; each resume (with activation checkpointing
     switched on: same losses, every block recomputed) loads the step the last stop saved, keeps
     the records before it, and the last one reproduces the uninterrupted run at ZeRO-2."""
     run, stopped, segments = tmp_path / "sig", 0, []
-    for i, sig in enumerate((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)):
+    for i, sig in enumerate(signals):
         probe = tmp_path / f"probe{i}"
         resume = ["--resume", "auto", CHECKPOINTING] if i else []
         output = stop_when_past(recipe, run, stopped, sig, *resume, env=recompute_probe(probe) if i else None)
