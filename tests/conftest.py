@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,21 +22,28 @@ def checkout_env() -> dict:
     return {**os.environ, "PYTHONPATH": pythonpath, "DS_ACCELERATOR": "cpu"}
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    """recipes/tiny.yaml shrunk for end-to-end tests: 2 layers, d_model 32, vocabulary 512,
-    MICRO_STEPS steps on ~200 KB of the standard library, with a data cache per test module."""
-    base = tmp_path_factory.mktemp("e2e")
-    body = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+def shrink_recipe(path: Path, cache_dir: Path) -> Path:
+    """Rewrite the recipe at `path` (recipes/tiny.yaml or a copy of it) shrunk for end-to-end
+    tests: 2 layers, d_model 32, vocabulary 512, MICRO_STEPS steps on ~200 KB of the standard
+    library, logged every step, with its data cache in `cache_dir`."""
+    body = yaml.safe_load(path.read_text())
     body["model"].update(layers=2, d_model=32, n_heads=2, seq_len=32)
-    body["data"].update(max_bytes=200_000, cache_dir=str(base / "cache"))
+    body["data"].update(max_bytes=200_000, cache_dir=str(cache_dir))
     body["tokenizer"].update(vocab_size=512, train_bytes=100_000)
     body["train"].update(steps=MICRO_STEPS, micro_batch=2, warmup_steps=2, log_every=1, lr=1e-2)
     body["checkpoint"].update(every=4, keep_last=3)
     body["eval"].update(every=4, batches=2)
-    path = base / "micro.yaml"
     path.write_text(yaml.safe_dump(body))
     return path
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """recipes/tiny.yaml shrunk (shrink_recipe), with a data cache per test module."""
+    base = tmp_path_factory.mktemp("e2e")
+    path = base / "micro.yaml"
+    path.write_text((ROOT / "recipes" / "tiny.yaml").read_text())
+    return shrink_recipe(path, base / "cache")
 
 
 def llmtrain(*args, timeout=300, check=True, env=None) -> subprocess.CompletedProcess:
@@ -81,6 +89,17 @@ def metrics_lines(run: Path) -> list[str]:
     path = run / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return lines if not lines or lines[-1].endswith("}") else lines[:-1]
+
+
+def stopped_copy(run: Path, to: Path, step: int) -> list[str]:
+    """Copy the finished `run` to `to` as it would be had it stopped after `step`: its checkpoints
+    after `step` removed, so that the one of `step` (a save like any other) is the newest. Returns
+    the first segment, the metrics lines up to `step`, for assert_resumed_exactly."""
+    shutil.copytree(run, to)
+    for folder in (to / "checkpoints").glob("step*"):
+        if int(folder.name.removeprefix("step")) > step:
+            shutil.rmtree(folder)
+    return [line for line in metrics_lines(to) if json.loads(line)["step"] <= step]
 
 
 def logged(run: Path) -> dict:

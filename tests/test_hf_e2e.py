@@ -13,7 +13,7 @@ import transformers
 import yaml
 
 from conftest import (CHECKPOINTING, MICRO_STEPS, RELEASE_WEIGHTS, TESTS, assert_recomputed, assert_resumed_exactly,
-                      by_step, checkout_env, free_port, llmtrain, metrics_lines, recompute_probe)
+                      by_step, checkout_env, free_port, llmtrain, recompute_probe, stopped_copy)
 from hf_models import save_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -78,16 +78,16 @@ def test_every_zero_stage_trains_the_same_trajectory(hf_recipe, reference, tmp_p
 
 
 def test_zero3_resume_is_bit_exact(hf_recipe, reference, tmp_path):
-    """ZeRO-3 trains the ZeRO-2 reference's trajectory; stopped and resumed with activation
-    checkpointing switched on (and ZeRO-3 releasing every weight after use), it reproduces its own
-    uninterrupted run in every logged quantity, each layer recomputed with its weight gathered again."""
+    """ZeRO-3 trains the ZeRO-2 reference's trajectory; its run copied as stopped after step 3 (a
+    checkpoint every 3 steps; conftest.stopped_copy) and resumed with activation checkpointing
+    switched on (and ZeRO-3 releasing every weight after use) reproduces the uninterrupted run in
+    every logged quantity, each layer recomputed with its weight gathered again."""
     straight, split, probe = tmp_path / "straight", tmp_path / "split", tmp_path / "probe"
-    llmtrain("run", hf_recipe, "--out", straight, "deepspeed.zero_stage=3", "checkpoint.every=100")
+    llmtrain("run", hf_recipe, "--out", straight, "deepspeed.zero_stage=3", "checkpoint.every=3")
     assert_same_trajectory(straight, reference, range(1, STEPS + 1))
-    llmtrain("run", hf_recipe, "--out", split, "deepspeed.zero_stage=3", "checkpoint.every=100", "--stop-after", 3)
-    segment = metrics_lines(split)
+    segment = stopped_copy(straight, split, 3)
     resumed = llmtrain("run", hf_recipe, "--out", split, "--resume", "auto", "deepspeed.zero_stage=3",
-                       "checkpoint.every=100", CHECKPOINTING, *RELEASE_WEIGHTS, env=recompute_probe(probe))
+                       "checkpoint.every=3", CHECKPOINTING, *RELEASE_WEIGHTS, env=recompute_probe(probe))
     assert "(step 3, saved by 2 ranks)" in resumed.stderr
     assert assert_resumed_exactly(split, straight, segment, resumed.stderr) == 3
     assert_recomputed(split, probe, STEPS - 3, released=True)

@@ -4,6 +4,7 @@ activation checkpointing switched on; TempNet's dropout across the resume), prun
 keep_last, partial checkpoints, refused resumes."""
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import (CHECKPOINTING, ROOT, assert_recomputed, assert_resumed_exactly, checkout_env, llmtrain,
-                      metrics_lines, recompute_probe, records)
+                      metrics_lines, recompute_probe, records, stopped_copy)
 
 pytestmark = pytest.mark.slow
 
@@ -153,36 +154,57 @@ def test_tempnet_stop_after_then_resume_auto_continues_exactly(recipe, tmp_path)
     assert auto.stdout.startswith("def main(") and len(auto.stdout) > len("def main(\n")
 
 
-# SIGUSR1 is what SLURM sends before a job's time limit (--signal=USR1@...); sent to the CLI outside
-# SLURM it means the same: stop and save, resumable (a user or scheduler asked for it by name).
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
-def test_a_stop_signal_saves_then_resume_auto_continues_exactly(recipe, straight, tmp_path, sig):
-    """The signal reaches the CLI as soon as step 1 is logged; the ranks finish their step, save
-    and exit 0, and the resume (with activation checkpointing switched on: same losses, every
-    block recomputed) reproduces the uninterrupted run at ZeRO-2."""
-    run = tmp_path / "sig"
-    cmd = [sys.executable, "-m", "llmtrain.cli", "run", str(recipe), "--out", str(run)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+def stop_when_past(recipe, run: Path, step: int, sig: signal.Signals, *args, env=None) -> str:
+    """`llmtrain run RECIPE --out RUN ARGS` sent `sig` as soon as it has logged a step after `step`;
+    it must exit 0 (the ranks finish their step, save and exit). Returns its output."""
+    proc = subprocess.Popen([sys.executable, "-m", "llmtrain.cli", "run", str(recipe), "--out", str(run), *args],
+                            cwd=ROOT, env={**checkout_env(), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not metrics_lines(run):
+    while time.time() < deadline and proc.poll() is None and \
+            not any(json.loads(line)["step"] > step for line in metrics_lines(run)):
         time.sleep(0.05)
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output[-3000:]
-    assert f"stopped by {sig.name}" in output and "--resume auto" in output
-    stopped = yaml.safe_load((run / "status.yaml").read_text())["step"]
-    assert 0 < stopped < 8, "the signal came too late to stop the run before its end"
-    segment = metrics_lines(run)
+    return output
+
+
+# Two stops in one run of 8 steps leave room for the second signal to land before the end (each
+# lands a step or two after it is sent); SIGUSR1 stops a run of its own.
+@pytest.mark.parametrize("signals", [(signal.SIGTERM, signal.SIGINT), (signal.SIGUSR1,)], ids=["TERM-INT", "USR1"])
+def test_stop_signals_save_then_resume_auto_continues_exactly(recipe, straight, tmp_path, signals):
+    """A run stopped by each of `signals` in turn: SIGTERM, SIGINT, and SIGUSR1 (what SLURM sends
+    before a job's time limit, --signal=USR1@...; outside SLURM it means the same: stop and save,
+    resumable), each sent to the CLI as soon as a step after the last stop is logged. Each time
+    the ranks finish their step, save and exit 0; each resume (with activation checkpointing
+    switched on: same losses, every block recomputed) loads the step the last stop saved, keeps
+    the records before it, and the last one reproduces the uninterrupted run at ZeRO-2."""
+    run, stopped, segments = tmp_path / "sig", 0, []
+    for i, sig in enumerate(signals):
+        probe = tmp_path / f"probe{i}"
+        resume = ["--resume", "auto", CHECKPOINTING] if i else []
+        output = stop_when_past(recipe, run, stopped, sig, *resume, env=recompute_probe(probe) if i else None)
+        assert f"stopped by {sig.name}" in output and "--resume auto" in output
+        if i:
+            assert f"(step {stopped}, " in [line for line in output.splitlines() if "resuming from" in line][-1]
+        now = yaml.safe_load((run / "status.yaml").read_text())["step"]
+        assert stopped < now < 8, f"{sig.name} came too late to stop the run before its end (step {now})"
+        if i:
+            assert_recomputed(run, probe, now - stopped)
+        stopped = now
+        segments.append([line for line in metrics_lines(run) if json.loads(line)["step"] <= stopped])
     probe = tmp_path / "probe"
     resumed = llmtrain("run", recipe, "--out", run, "--resume", "auto", CHECKPOINTING, env=recompute_probe(probe))
-    assert assert_resumed_exactly(run, straight, segment, resumed.stderr) == stopped
+    assert assert_resumed_exactly(run, straight, segments[-1], resumed.stderr) == stopped
+    for segment in segments:  # no resume rewrote what an earlier segment logged
+        assert metrics_lines(run)[:len(segment)] == segment
     assert_recomputed(run, probe, 8 - stopped)
 
 
-def test_resume_refuses_a_different_model(recipe, tmp_path):
+def test_resume_refuses_a_different_model(recipe, straight, tmp_path):
     run = tmp_path / "base"
-    llmtrain("run", recipe, "--out", run, "--stop-after", 1)
+    stopped_copy(straight, run, 4)
     proc = llmtrain("run", recipe, "--out", run, "--resume", "auto", "model.layers=3", check=False)
     assert proc.returncode == 2
     assert "cannot resume" in proc.stderr and "layers=2 where the recipe has 3" in proc.stderr
