@@ -20,12 +20,14 @@ from llmtrain.recipe import ModelConfig, validate_recipe
 
 MiB = 2**20
 # (tokens, vocab, hidden, dtype): each head's figure is tens to hundreds of MiB, well above the
-# resident-set noise of a fresh process (a fraction of a MiB). bf16 at 128 tokens: CPU kernels
-# without bf16 units make softmax's and cce's N×V work the suite's slowest measurement (139 s and
-# 174 s at 256 tokens, loaded); an extra N×V buffer is still 16% of softmax's figure. At a smaller
+# resident-set noise of a fresh process (a fraction of a MiB). bf16 at 128 tokens and hidden 128:
+# CPU kernels without bf16 units make softmax's and cce's N·V·D work the suite's slowest
+# measurement (139 s and 174 s at 256 tokens × 512, loaded; the fixture took 84 s at 128 × 512,
+# 34 s at 128 × 128); the memory figures are N×V buffers, which the hidden size leaves as they
+# are, so an extra one is still more than 16% of softmax's figure. At a smaller
 # vocabulary cce's estimate is off by more than 10% (+12% at 16,384): its N×V-free figure is a
 # large-vocabulary claim.
-HEAD_SHAPES = [(1024, 16384, 256, "fp32"), (128, 32768, 512, "bf16"), (2048, 8192, 512, "fp32")]
+HEAD_SHAPES = [(1024, 16384, 256, "fp32"), (128, 32768, 128, "bf16"), (2048, 8192, 512, "fp32")]
 SMALL_RECIPE = {"model": {"layers": 2, "d_model": 128, "n_heads": 4, "seq_len": 256},
                 "train": {"micro_batch": 4, "precision": "bf16"}, "tokenizer": {"vocab_size": 8192},
                 "deepspeed": {"zero_stage": 0}, "launch": {"ranks_per_node": 1}}
