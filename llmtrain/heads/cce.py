@@ -47,7 +47,6 @@ from llmtrain.heads.softmax import SoftmaxHead, SoftmaxOptions
 from llmtrain.heads.temperature import dro_shift, tau_metrics
 
 
-
 @dataclass(frozen=True)
 class Blocking:
     """How the chunked passes cut their work. A CPU wants cache-sized blocks; a GPU pays a few
