@@ -2,10 +2,14 @@
 DeepSpeed's own estimator and the CCE paper; the budget verdict; the JSON; bad input."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import typer
 from typer.testing import CliRunner
+
+from conftest import ROOT, checkout_env
 
 from llmtrain.cli import user_errors
 from llmtrain.heads import HEADS, head_class
@@ -165,6 +169,17 @@ def test_llama_preset_estimate_allocates_nothing():
     assert result.exit_code == 0, result.output
     # A per-rank estimate of tens of GiB, computed in well under a GiB (imports included).
     assert "GiB" in result.output and peak_bytes() - before < 2**30
+
+
+def test_the_estimate_before_every_launch_imports_no_compiler():
+    """`llmtrain run` estimates the recipe's memory before it launches, building the head on the
+    meta device: that must not import torch._dynamo (2 s of every launch on this CPU)."""
+    code = ("import sys\nfrom llmtrain.heads import HEADS, head_class\n"
+            "from llmtrain.profile.estimate import head_param_count\nfrom llmtrain.recipe import TemperatureConfig\n"
+            "for h in HEADS:\n"
+            "    head_param_count({'type': h}, 64, 1000, TemperatureConfig(enabled=head_class(h).supports_temperature))\n"
+            "assert 'torch._dynamo' not in sys.modules, 'the estimate imported torch._dynamo'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=checkout_env())
 
 
 def test_budget_parsing():

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from llmtrain.heads import HEADS, build_head, head_class, parse_head_options
 from llmtrain.heads.base import dtype_bytes
@@ -100,13 +101,23 @@ def body_param_count(cfg: ModelConfig, vocab_size: int) -> tuple[int, int, int]:
     return vocab_size * d + cfg.layers * per_block + d, max(vocab_size * d, 3 * d * d, 2 * f * d), vocab_size * d
 
 
+class _SkipNormalFill(TorchFunctionMode):
+    """Skips normal fills: on the meta device they fill nothing, but run a Python reference whose
+    first call imports torch._dynamo, 2 s of every `llmtrain run`'s memory check."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.init.normal_, torch.Tensor.normal_):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def head_param_count(head_spec: Mapping[str, Any], hidden_size: int, vocab_size: int,
                      temperature: TemperatureConfig | None = None) -> tuple[int, int]:
     """(the head's parameters, those of its temperature network when `temperature` is enabled).
     The constructors say how many weights there are; the head is built on the meta device, so no
     weight is ever allocated (a [2²¹, 4096] fp32 weight is 32 GiB, more than a laptop can even
     reserve). Heads keep their small data tables (hsm's clusters) on the CPU themselves."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipNormalFill():
         head = build_head(head_spec, hidden_size=hidden_size, vocab_size=vocab_size)
         if temperature is not None and temperature.enabled:
             attach_temperature(head, **temperature.network_options())
