@@ -3,10 +3,8 @@ that every rank saves before the job ends, and ends a job whose ranks stop makin
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import socket
@@ -42,18 +40,16 @@ def worker_args(run_dir: Path, resume: Path | None, stop_after: int | None, allo
 
 
 def local_command(recipe: Recipe, args: list[str]) -> list[str]:
-    """One node, `launch.ranks_per_node` workers, through DeepSpeed's launcher or torchrun."""
+    """One node, `launch.ranks_per_node` workers, through launch.ranks or torchrun."""
     port = str(recipe.launch.master_port or free_port())
     n = str(recipe.launch.ranks_per_node)
     if recipe.launch.launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--master_port", port,
                 "-m", WORKER_MODULE, *args]
-    # DeepSpeed's per-node launcher, started the way its runner (`deepspeed --num_gpus N`) starts it
-    # for one node, less the runner's own interpreter and DeepSpeed import (3 s of every launch).
-    # It appends --local_rank=N to the worker's arguments; the worker accepts it.
-    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(int(n)))}).encode()).decode()
-    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
-            "--master_addr=127.0.0.1", f"--master_port={port}", "--log_level=warning", "--module", WORKER_MODULE, *args]
+    # DeepSpeed's conventions (--local_rank=N among the worker's arguments: the worker accepts it),
+    # from a launcher that imports neither torch nor DeepSpeed (launch.ranks): DeepSpeed's own
+    # runner and per-node launcher took 6 s of every launch importing them.
+    return [sys.executable, "-m", "llmtrain.launch.ranks", n, port, WORKER_MODULE, *args]
 
 
 # DeepSpeed's multi-node launchers; `slurm` runs `srun` from inside an allocation (salloc/sbatch).
