@@ -148,7 +148,9 @@ class EvalConfig(Section):
 class LaunchConfig(Section):
     ranks_per_node: int = Field(2, ge=1, description="worker processes per node (GPUs per node on a cluster)")
     nodes: int = Field(1, ge=1, description="nodes (more than 1 needs --hostfile or SLURM)")
-    launcher: Literal["deepspeed", "torchrun"] = Field("deepspeed", description="process launcher for local runs")
+    launcher: Literal["deepspeed", "torchrun"] = Field(
+        "deepspeed", description="process launcher for local runs: deepspeed (its conventions, --local_rank=N and "
+        "RANK/WORLD_SIZE/MASTER_*, from llmtrain's launcher, which imports neither torch nor DeepSpeed) or torchrun")
     master_port: int | None = Field(None, ge=1024, le=65535, description="rendezvous port (default: a free one)")
     timeout_s: int = Field(
         600, ge=5, description="longest a rank may go without progress (a step, an eval pass, a checkpoint save, "
