@@ -176,7 +176,7 @@ def _workers(pid: int) -> list[psutil.Process]:
 
 def _is_worker(cmdline: list[str]) -> bool:
     """A rank itself, not a launcher that names the worker module among its own arguments (a
-    signal meant for the ranks must not reach DeepSpeed's launcher, which would send its own)."""
+    signal meant for the ranks must not reach a launcher, which would end or signal them itself)."""
     args = cmdline[1:]
     for i, arg in enumerate(args):  # the interpreter's options, then `-m MODULE` or a script
         if arg == "-m":
