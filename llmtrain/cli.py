@@ -98,7 +98,7 @@ def run(
 
     Exit codes: 0 complete or stopped and saved; 1 failed; 2 bad input (nothing started);
     3 diverged (non-finite loss, gradients or weights); 124 a rank stopped responding for
-    launch.timeout_s; 128+N ended by a second signal N, or by a signal N before the ranks started
+    launch.timeout_s; 128+N ended by a second signal N, or by a signal N before the ranks were ready
     (nothing to save: run the same command again). status.yaml in the run folder says the same.
 
     Examples (after `llmtrain recipe copy tiny my-tiny.yaml`):

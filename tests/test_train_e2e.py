@@ -15,6 +15,8 @@ import psutil
 import pytest
 import yaml
 
+from llmtrain.launch.local import _is_worker
+
 from conftest import (CHECKPOINTING, ROOT, assert_recomputed, assert_resumed_exactly, checkout_env, llmtrain,
                       metrics_lines, recompute_probe, records, stopped_copy)
 
@@ -58,9 +60,10 @@ def stop_early(recipe, run: Path, sig: signal.Signals, ready, *args) -> dict:
 
 @pytest.fixture(scope="module")
 def stopped_early(recipe, tmp_path_factory):
-    """The straight run's command, stopped twice before any rank existed: by SIGTERM while its data
-    was being tokenized (into a cache of its own, so that it is always still to do), then, run again
-    as it was, by SIGINT while the launcher was starting the ranks."""
+    """The straight run's command, stopped three times before its ranks could train: by SIGTERM
+    while its data was being tokenized (into a cache of its own, so that it is always still to do),
+    then, run again as it was, by SIGINT while the launcher was starting the ranks, then, with
+    --resume auto, by SIGUSR1 once the rank processes existed (still importing, no handler yet)."""
     run, cache = tmp_path_factory.mktemp("straight") / "z2", tmp_path_factory.mktemp("cache")
     tokenizing = lambda: any((cache / "tokens").glob("*.partial"))  # noqa: E731
     prep = stop_early(recipe, run, signal.SIGTERM, tokenizing, f"data.cache_dir={cache}")
@@ -69,7 +72,20 @@ def stopped_early(recipe, tmp_path_factory):
     launching = lambda: (run / "status.yaml").is_file()  # noqa: E731  written just before the launcher starts
     launch = stop_early(recipe, run, signal.SIGINT, launching, f"data.cache_dir={cache}")
     launch["state"] = yaml.safe_load((run / "status.yaml").read_text())["state"]
-    return run, cache, prep, launch
+    # The rank processes exist but are still importing: without their handlers, a signal kills them.
+    starting = stop_early(recipe, run, signal.SIGUSR1, lambda: ranks_exist(f"{run}-SIGUSR1"), "--resume", "auto",
+                          f"data.cache_dir={cache}")
+    starting["state"] = yaml.safe_load((run / "status.yaml").read_text())["state"]
+    return run, cache, prep, launch, starting
+
+
+def ranks_exist(mark: str) -> bool:
+    """A rank process (`-m llmtrain.train`) of the command marked `mark` (stop_early) is running."""
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if _is_worker(p.cmdline()) and p.environ().get("LLMTRAIN_TEST_MARK") == mark:
+                return True
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +93,14 @@ def straight(recipe, stopped_early):
     """The uninterrupted 8-step ZeRO-2 run (evaluations and checkpoints at steps 4 and 8): what
     every resume of this recipe must reproduce. Its folder and data cache are the early-stopped
     command's, continued with --resume auto as that command said."""
-    run, cache, _, _ = stopped_early
+    run, cache, *_ = stopped_early
     llmtrain("run", recipe, "--out", run, "--resume", "auto", f"data.cache_dir={cache}")
     return run
 
 
 def test_a_signal_before_the_ranks_exist_ends_the_command_and_leaves_it_resumable(stopped_early, straight):
-    _, _, prep, launch = stopped_early
-    for outcome, sig in ((prep, signal.SIGTERM), (launch, signal.SIGINT)):
+    _, _, prep, launch, starting = stopped_early
+    for outcome, sig in ((prep, signal.SIGTERM), (launch, signal.SIGINT), (starting, signal.SIGUSR1)):
         assert outcome["code"] == 128 + sig, outcome["output"][-3000:]
         assert f"stopped by {sig.name} before the ranks started" in outcome["output"] or \
             f"{sig.name} while the ranks were starting" in outcome["output"], outcome["output"][-3000:]
@@ -93,7 +109,9 @@ def test_a_signal_before_the_ranks_exist_ends_the_command_and_leaves_it_resumabl
         assert not outcome["left"], f"left running after {sig.name}: {outcome['left']}"
     assert prep["cache"] == [True], "the first command was not stopped while tokenizing"
     assert prep["folder"] == [".llmtrain.lock"]  # nothing of a run written yet, so nothing half-written
-    assert launch["state"] == "interrupted" and not (straight / "checkpoints" / "step00000002").exists()
+    assert launch["state"] == starting["state"] == "interrupted"
+    assert "while the ranks were starting" in starting["output"]  # the ranks existed: not before the launcher
+    assert not (straight / "checkpoints" / "step00000002").exists()
     assert yaml.safe_load((straight / "status.yaml").read_text())["state"] == "complete"
 
 

@@ -18,6 +18,7 @@ import torch
 
 from llmtrain.launch.stop import STOP_SIGNALS
 from llmtrain.recipe import Recipe
+from llmtrain.train.heartbeat import heartbeat_path
 
 WORKER_MODULE = "llmtrain.train"
 
@@ -95,7 +96,8 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
     """Run the launcher in its own process group and wait for it. A SIGINT/SIGTERM/SIGUSR1 sent
     to us goes to the workers only (they finish the step, save and exit 0); a second SIGINT/SIGTERM
     kills the whole group at once (an unfinished save stays invisible: its marker is written last).
-    One that comes before any rank exists ends the launch (outcome.before_ranks): nothing to save.
+    One that comes before every rank is ready for it (has written its heartbeat file) ends the
+    launch at once (outcome.before_ranks): nothing was trained, nothing to save.
     With `run_dir` and `timeout_s`, a watchdog kills the group when the ranks' heartbeats stop.
     We return once every process of the group is gone."""
     from llmtrain.launch.watchdog import Watchdog
@@ -103,7 +105,7 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
     outcome = LaunchOutcome(code=0)
     signals_seen = []
     proc = None  # the launcher, once started
-    ranks_started = False  # from then on a first signal is the ranks' to act on, even once they have ended
+    ranks_ready = False  # from then on a first signal is the ranks' to act on, even once they have ended
 
     def forward(signum, frame):
         signals_seen.append(signum)
@@ -115,12 +117,13 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
             _kill_group(proc.pid)
             return
         workers = _workers(proc.pid)
-        for w in workers:
-            with contextlib.suppress(psutil.Error):
-                w.send_signal(signum)
-        if not workers and not ranks_started:  # still starting up: nothing to save, stop the whole group
+        if ranks_ready or _ready(run_dir, workers):
+            for w in workers:
+                with contextlib.suppress(psutil.Error):
+                    w.send_signal(signum)
+        else:  # still starting (a rank without its handler would die of it): nothing to save, end them all
             outcome.interrupted, outcome.before_ranks = signum, True
-        if not workers:
+        if not workers or outcome.before_ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
 
@@ -136,7 +139,7 @@ def run_launcher(cmd: list[str], ranks_per_node: int, *, run_dir: Path | None = 
                 os.killpg(proc.pid, signal.SIGTERM)
         while proc.poll() is None:
             workers = _workers(proc.pid)
-            ranks_started = ranks_started or bool(workers)
+            ranks_ready = ranks_ready or _ready(run_dir, workers)
             if watchdog and outcome.hung is None and (reason := watchdog.watch(workers)):
                 outcome.hung = reason
                 _kill_group(proc.pid)
@@ -172,6 +175,17 @@ def _workers(pid: int) -> list[psutil.Process]:
             if _is_worker(child.cmdline()):
                 found.append(child)
     return found
+
+
+def _ready(run_dir: Path | None, workers: list[psutil.Process]) -> bool:
+    """Every rank seen has its stop handler in place: the worker installs it before it writes its
+    heartbeat file (without a run folder to look in, the ranks existing is all we know)."""
+    if not workers or run_dir is None:
+        return bool(workers)
+    try:
+        return all(heartbeat_path(run_dir, int(w.environ()["RANK"])).exists() for w in workers)
+    except (psutil.Error, KeyError, ValueError):
+        return False
 
 
 def _is_worker(cmdline: list[str]) -> bool:
