@@ -84,6 +84,7 @@ def main() -> None:
             compare("A whole `llmtrain run`: 8 steps of a micro model, 2 ranks, data cached", roots, args.repeats,
                     timed=run)
 
+
 if __name__ == "__main__":
     if any(a.startswith("--local_rank") for a in sys.argv[1:]):
         sys.exit(0)  # a rank started by one of the launchers: done

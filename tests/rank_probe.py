@@ -21,4 +21,4 @@ if action == "sleep":
     time.sleep(120)
 elif action == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
-sys.exit(int(action.removeprefix("exit")))
+sys.exit(int(action.removeprefix("exit")) if action.startswith("exit") else 0)

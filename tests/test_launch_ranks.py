@@ -15,7 +15,7 @@ import psutil
 from conftest import ROOT, TESTS, checkout_env
 
 
-def launch(launcher: list[str], out, *plans, port="29517") -> subprocess.Popen:
+def launch(launcher: list[str], out, *plans) -> subprocess.Popen:
     env = checkout_env()
     env["PYTHONPATH"] = f"{TESTS}:{env['PYTHONPATH']}"  # rank_probe
     return subprocess.Popen([*launcher, "rank_probe", str(out), *plans], cwd=ROOT, env=env)
